@@ -1,0 +1,1 @@
+"""Inference engines, one module each; ``base`` holds the protocol and the registry."""

