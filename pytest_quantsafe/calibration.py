@@ -1,0 +1,201 @@
+"""Calibration profiles (YAML): RTSI weights, min-max ranges of |delta|, bands, provenance.
+
+A profile is data, reviewed like code. ``load_calibration`` validates it and
+refuses one without full provenance (DESIGN.md "Calibration profile"); every
+error names the file, the key and, where YAML gives one, the line.
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from pytest_quantsafe.errors import PolicyError
+from pytest_quantsafe.types import FEATURE_NAMES, PROTOCOL_ID, Bands, Calibration
+
+#: Keys every profile's provenance must carry.
+REQUIRED_PROVENANCE: tuple[str, ...] = (
+    "source_matrix_sha256",
+    "n_rows",
+    "n_models",
+    "date",
+    "tool_version",
+    "is_recalibrated",
+    "loocv_recall",
+)
+
+_TOP_KEYS = {"name", "protocol", "detector", "weights", "ranges", "bands", "provenance", "description"}
+_WEIGHT_SUM_TOLERANCE = 1e-9
+
+
+def _packaged_path(name: str) -> Path:
+    base = resources.files("pytest_quantsafe") / "policies" / "calibration"
+    return Path(str(base / f"{name}.yaml"))
+
+
+def _resolve(ref: str | Path) -> Path:
+    if isinstance(ref, Path) or "/" in str(ref) or str(ref).endswith((".yaml", ".yml")):
+        return Path(ref)
+    return _packaged_path(str(ref))
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Return the 1-based line of each key path ("provenance.date") in a YAML mapping."""
+    import yaml
+
+    lines: dict[str, int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    sub = f"{path}.{key.value}" if path else str(key.value)
+                    lines[sub] = key.start_mark.line + 1
+                    walk(value, sub)
+
+    walk(root, "")
+    return lines
+
+
+class _Where:
+    """Builds ``where=`` strings naming the file, the key and its line."""
+
+    def __init__(self, source: str, text: str) -> None:
+        self.source = source
+        self.lines = _key_lines(text)
+
+    def __call__(self, key: str) -> str:
+        line = self.lines.get(key) or self.lines.get(key.split(".")[0])
+        return f"{self.source}: key {key}" + (f" (line {line})" if line else "")
+
+
+def _finite(value: Any, key: str, where: _Where) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise PolicyError(f"{key} must be a finite number, got {value!r}", where=where(key),
+                          fix="write a plain decimal number")
+    return float(value)
+
+
+def calibration_from_mapping(data: Any, source: str = "<calibration>", text: str = "") -> Calibration:
+    """Return a validated Calibration from parsed YAML data (``source`` names it in errors)."""
+    where = _Where(source, text)
+    if not isinstance(data, Mapping):
+        raise PolicyError("a calibration profile must be a YAML mapping", where=source,
+                          fix="see pytest_quantsafe/policies/calibration/default.yaml for the layout")
+    unknown = sorted(set(map(str, data)) - _TOP_KEYS)
+    if unknown:
+        raise PolicyError(f"unknown key {unknown[0]!r} in calibration profile", where=where(unknown[0]),
+                          fix=f"allowed keys: {', '.join(sorted(_TOP_KEYS))}")
+    for key in ("weights", "ranges", "provenance"):
+        if key not in data:
+            raise PolicyError(f"calibration profile lacks {key!r}", where=f"{source}: key {key}",
+                              fix="a profile needs weights, ranges and provenance; "
+                              "write one with `quantsafe calibrate`")
+    protocol = str(data.get("protocol", PROTOCOL_ID))
+    if protocol != PROTOCOL_ID:
+        raise PolicyError(f"profile measured with protocol {protocol!r}, this tool measures {PROTOCOL_ID!r}",
+                          where=where("protocol"), fix="recalibrate under this protocol")
+
+    weights_raw, ranges_raw, prov = data["weights"], data["ranges"], data["provenance"]
+    for key, block in (("weights", weights_raw), ("ranges", ranges_raw)):
+        if not isinstance(block, Mapping) or set(map(str, block)) != set(FEATURE_NAMES):
+            got = sorted(map(str, block)) if isinstance(block, Mapping) else block
+            raise PolicyError(f"{key} must name exactly the four features, got {got}", where=where(key),
+                              fix=f"use keys {', '.join(FEATURE_NAMES)}")
+    weights = {f: _finite(weights_raw[f], f"weights.{f}", where) for f in FEATURE_NAMES}
+    if any(w < 0 for w in weights.values()):
+        raise PolicyError("weights must be >= 0", where=where("weights"), fix="weights are |r| normalized")
+    if abs(sum(weights.values()) - 1.0) > _WEIGHT_SUM_TOLERANCE:
+        raise PolicyError(f"weights sum to {sum(weights.values())!r}, not 1", where=where("weights"),
+                          fix="normalize the weights so they sum to 1")
+    ranges: dict[str, tuple[float, float]] = {}
+    for f in FEATURE_NAMES:
+        pair = ranges_raw[f]
+        key = f"ranges.{f}"
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise PolicyError(f"{key} must be [lo, hi]", where=where(key), fix="write two numbers: [lo, hi]")
+        lo, hi = _finite(pair[0], key, where), _finite(pair[1], key, where)
+        if lo < 0 or hi <= lo:
+            raise PolicyError(f"{key} must satisfy 0 <= lo < hi, got [{lo}, {hi}]", where=where(key),
+                              fix="ranges are min/max of |delta| over the calibration matrix")
+        ranges[f] = (lo, hi)
+    bands_raw = data.get("bands", {"moderate": 0.10, "high": 0.40})
+    if not isinstance(bands_raw, Mapping) or set(map(str, bands_raw)) != {"moderate", "high"}:
+        raise PolicyError("bands must have exactly 'moderate' and 'high'", where=where("bands"),
+                          fix="e.g. bands: {moderate: 0.10, high: 0.40}")
+    moderate = _finite(bands_raw["moderate"], "bands.moderate", where)
+    high = _finite(bands_raw["high"], "bands.high", where)
+    if not 0.0 < moderate < high <= 1.0:
+        raise PolicyError(f"bands must satisfy 0 < moderate < high <= 1, got {moderate}, {high}",
+                          where=where("bands"), fix="band cutoffs rise: LOW < moderate <= MODERATE < high")
+    if not isinstance(prov, Mapping):
+        raise PolicyError("provenance must be a mapping", where=where("provenance"),
+                          fix=f"give {', '.join(REQUIRED_PROVENANCE)}")
+    missing = [k for k in REQUIRED_PROVENANCE if prov.get(k) in (None, "")]
+    if missing:
+        raise PolicyError(f"calibration provenance lacks {missing[0]!r}; a profile without provenance is refused",
+                          where=where("provenance"),
+                          fix=f"provenance needs {', '.join(REQUIRED_PROVENANCE)} (`quantsafe calibrate` "
+                          "writes them)")
+    if not isinstance(prov["is_recalibrated"], bool):
+        raise PolicyError("provenance.is_recalibrated must be true or false",
+                          where=where("provenance.is_recalibrated"), fix="write true or false")
+    name = str(data.get("name") or Path(source).stem)
+    return Calibration(
+        name=name,
+        weights=weights,
+        ranges=ranges,
+        bands=Bands(moderate=moderate, high=high),
+        provenance=dict(prov),
+        detector=str(data.get("detector", "pattern.v1")),
+        protocol=protocol,
+    )
+
+
+def load_calibration(ref: str | Path = "default") -> Calibration:
+    """Return the calibration named ``ref`` (a packaged profile name or a YAML path), validated."""
+    import yaml
+
+    path = _resolve(ref)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        packaged = sorted(p.stem for p in _packaged_path("default").parent.glob("*.yaml"))
+        raise PolicyError(f"no calibration profile {str(ref)!r}", where=str(path),
+                          fix=f"give a YAML path or a packaged name ({', '.join(packaged)})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"cannot read calibration profile: {exc}", where=str(path),
+                          fix="check the path and that it is UTF-8 YAML") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark is not None else ""
+        raise PolicyError(f"calibration profile is not valid YAML: {getattr(exc, 'problem', exc)}",
+                          where=f"{path}{line}", fix="fix the YAML syntax") from None
+    return calibration_from_mapping(data, source=str(path), text=text)
+
+
+def dump_calibration(cal: Calibration) -> str:
+    """Return the profile as YAML that ``load_calibration`` reads back to an equal Calibration."""
+    import yaml
+
+    data = {
+        "name": cal.name,
+        "protocol": cal.protocol,
+        "detector": cal.detector,
+        "weights": {f: float(cal.weights[f]) for f in FEATURE_NAMES},
+        "ranges": {f: [float(cal.ranges[f][0]), float(cal.ranges[f][1])] for f in FEATURE_NAMES},
+        "bands": {"moderate": cal.bands.moderate, "high": cal.bands.high},
+        "provenance": dict(cal.provenance),
+    }
+    header = ("# quantsafe RTSI calibration profile (protocol quantsafe.refusal-features.v1).\n"
+              "# weights = |Pearson r| of each feature's delta with the refusal-rate delta, normalized;\n"
+              "# ranges = [min, max] of |delta| over the calibration matrix.\n")
+    return header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, allow_unicode=True)
