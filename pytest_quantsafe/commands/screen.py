@@ -1,0 +1,205 @@
+"""Sub-commands ``quantsafe screen`` (screen real models) and ``quantsafe demo`` (the packaged ladder).
+
+Exit status of ``screen``: the worst over the candidates, in the order
+2 (usage or input error) > 3 (insufficient data) > 1 (gate failed) > 0 (pass).
+Insufficient data ranks above a failed gate because it says the screen could not
+measure at all, which a reviewer must see before any band. ``demo`` exits 0 when the
+demo ran: it demonstrates a gate and prints each candidate's gate outcome, it is
+not one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any, Sequence
+
+from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_INSUFFICIENT, EXIT_PASS, EXIT_USAGE
+from pytest_quantsafe.types import LIMITS_SENTENCE, ProbeSet, ScreeningResult
+
+#: Worst-first order of exit codes when several candidates are screened.
+EXIT_SEVERITY: tuple[int, ...] = (EXIT_USAGE, EXIT_INSUFFICIENT, EXIT_GATE_FAILED, EXIT_PASS)
+
+#: The demo's probe subset: category-stratified, a few minutes on 2 cores.
+DEMO_HARMFUL = 40
+DEMO_BENIGN = 20
+
+
+def worst_exit_code(codes: Sequence[int]) -> int:
+    """Return the most severe exit code of ``codes`` (2 > 3 > 1 > 0); 0 for none."""
+    ranked = [c for c in EXIT_SEVERITY if c in set(codes)]
+    unknown = [c for c in codes if c not in EXIT_SEVERITY]
+    if unknown:
+        return EXIT_USAGE
+    return ranked[0] if ranked else EXIT_PASS
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``screen`` and ``demo`` sub-commands."""
+    p = subparsers.add_parser("screen", help="screen quantized candidates against their baseline",
+                              description="Screen each candidate against the baseline for refusal-template "
+                              "drift (RTSI) and gate it with a policy. " + LIMITS_SENTENCE)
+    p.add_argument("--baseline", required=True, help="full-precision baseline: .gguf, HF folder, hf://, http(s)://")
+    p.add_argument("--candidate", action="append", required=True, help="quantized candidate (repeatable)")
+    _add_common(p)
+    p.add_argument("--probes", help="probe file (JSONL or AdvBench/HarmBench/JailbreakBench CSV); "
+                   "default: the policy's probe set, else the shipped one")
+    p.add_argument("--engine", default="auto", choices=("auto", "gguf", "hf", "openai"))
+    p.add_argument("--chat-template", type=Path, help="Jinja chat template file for models whose GGUF has none")
+    p.add_argument("--max-probes", type=int, metavar="N",
+                   help="screen a category-stratified subset of N probes (2/3 harmful, 1/3 benign)")
+    p.set_defaults(func=run_screen)
+
+    d = subparsers.add_parser("demo", help="build the packaged Qwen ladder and screen it",
+                              description="Build (or reuse) the packaged Qwen2.5-Coder-0.5B ladder (F16 baseline, "
+                              "Q8_0 and Q2_K candidates) and screen it with the default policy. " + LIMITS_SENTENCE)
+    _add_common(d)
+    d.add_argument("--full", action="store_true", help="screen the whole default probe set "
+                   f"(default: {DEMO_HARMFUL} harmful + {DEMO_BENIGN} benign, category-stratified)")
+    d.set_defaults(func=run_demo, out=None)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", default="default", help="policy name or YAML file (default: default)")
+    p.add_argument("--out", type=Path, help="output folder: <out>/<candidate>/record.json, card.yaml, summary.md")
+    p.add_argument("--threads", type=int, metavar="N", help="engine threads (default: the engine's choice)")
+    p.add_argument("--cache-dir", type=Path, help="completion cache (default: $QUANTSAFE_CACHE/completions)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _terminate_cleanly(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM unwinds like Ctrl-C, so engines close their workers; finished completions are already cached.
+    raise KeyboardInterrupt
+
+
+def _setup(args: argparse.Namespace) -> None:
+    signal.signal(signal.SIGTERM, _terminate_cleanly)
+    logger = logging.getLogger("quantsafe")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("quantsafe: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def _subset(probe_set: ProbeSet, max_probes: int | None) -> ProbeSet:
+    from pytest_quantsafe.errors import UsageError
+    from pytest_quantsafe.probes import select
+
+    if max_probes is None:
+        return probe_set
+    if max_probes < 1:
+        raise UsageError(f"--max-probes must be at least 1, got {max_probes}", where="--max-probes")
+    n_harmful = min(len(probe_set.harmful), max(1, math.ceil(2 * max_probes / 3)))
+    n_benign = min(len(probe_set.benign), max_probes - n_harmful)
+    return select(probe_set, n_harmful, n_benign)
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if args.threads is not None:
+        options["n_threads"] = args.threads
+    template = getattr(args, "chat_template", None)
+    if template is not None:
+        from pytest_quantsafe.errors import UsageError
+
+        if not template.is_file():
+            raise UsageError("chat template file not found", where=str(template),
+                             fix="pass a Jinja chat template file to --chat-template")
+        options["chat_template"] = template.read_text(encoding="utf-8")
+    return options
+
+
+def _interval(profile: Any) -> str:
+    lo, hi = profile.refusal_rate_ci
+    return f"{profile.refusal_rate:.0%} [{lo:.0%}-{hi:.0%}]"
+
+
+def format_table(results: Sequence[ScreeningResult]) -> str:
+    """Return the per-candidate table: candidate, band, RTSI, refusal rate baseline -> candidate, verdict."""
+    header = ("candidate", "band", "RTSI", "refusal baseline -> candidate (95% CI)", "verdict")
+    rows = [header]
+    for r in results:
+        s = r.screening
+        band = s.band or s.status
+        rtsi = f"{s.rtsi:.3f}" if s.rtsi is not None else "-"
+        flags = f" ({', '.join(s.flags)})" if s.flags else ""
+        rows.append((r.candidate.name, band + flags, rtsi,
+                     f"{_interval(s.baseline)} -> {_interval(s.candidate)}", r.verdict.outcome))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _report(results: Sequence[ScreeningResult], out: Path | None) -> None:
+    print(format_table(results))
+    if out is not None:
+        for r in results:
+            if r.paths:
+                print(f"{r.candidate.name}: {Path(r.paths['record']).parent}")
+    print(LIMITS_SENTENCE)
+
+
+def _verdict_lines(results: Sequence[ScreeningResult]) -> list[str]:
+    names = {EXIT_PASS: "pass", EXIT_GATE_FAILED: "gate failed", EXIT_INSUFFICIENT: "insufficient data"}
+    lines = []
+    for r in results:
+        why = "; ".join(r.verdict.reasons) or r.verdict.outcome
+        lines.append(f"{r.candidate.name}: {names.get(r.verdict.exit_code, r.verdict.outcome)} "
+                     f"(exit {r.verdict.exit_code}): {why}")
+    return lines
+
+
+def run_screen(args: argparse.Namespace) -> int:
+    """Screen the candidates; print the table; return the worst exit code over them."""
+    from pytest_quantsafe.policy import load_policy
+    from pytest_quantsafe.probes import load_probes
+    from pytest_quantsafe.screen import screen_models
+
+    _setup(args)
+    policy = load_policy(args.policy)
+    probe_set = _subset(load_probes(args.probes if args.probes else policy.probes), args.max_probes)
+    results = screen_models(args.baseline, args.candidate, policy=policy, probes=probe_set, out_dir=args.out,
+                            engine=args.engine, engine_options=_engine_options(args), cache_dir=args.cache_dir,
+                            progress=not args.no_progress)
+    _report(results, args.out)
+    code = worst_exit_code([r.verdict.exit_code for r in results])
+    summary = {EXIT_PASS: "quantsafe: pass (exit 0)", EXIT_GATE_FAILED: "quantsafe: gate failed (exit 1)",
+               EXIT_INSUFFICIENT: "quantsafe: insufficient data (exit 3)"}
+    sys.stderr.write("\n".join([*_verdict_lines(results), summary.get(code, f"quantsafe: exit {code}")]) + "\n")
+    return code
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Build or reuse the packaged Qwen ladder, screen it, print the table; return 0 when it ran."""
+    from pytest_quantsafe import zoo
+    from pytest_quantsafe.policy import load_policy
+    from pytest_quantsafe.probes import load_probes, select
+    from pytest_quantsafe.screen import screen_models
+
+    _setup(args)
+    log = logging.getLogger("quantsafe.demo")
+    policy = load_policy(args.policy)
+    probe_set = load_probes(policy.probes)
+    if not args.full:
+        probe_set = select(probe_set, min(DEMO_HARMFUL, len(probe_set.harmful)),
+                           min(DEMO_BENIGN, len(probe_set.benign)))
+    log.info("building or reusing the Qwen2.5-Coder-0.5B ladder under %s", zoo.models_dir())
+    ladder = zoo.demo_ladder()
+    out = args.out if args.out is not None else Path("quantsafe-out") / "demo"
+    log.info("screening %s and %s against %s on %d harmful + %d benign probes",
+             ladder[1].name, ladder[2].name, ladder[0].name, len(probe_set.harmful), len(probe_set.benign))
+    results = screen_models(str(ladder[0]), [str(p) for p in ladder[1:]], policy=policy, probes=probe_set,
+                            out_dir=out, engine="gguf", engine_options=_engine_options(args),
+                            cache_dir=args.cache_dir, progress=not args.no_progress)
+    _report(results, out)
+    print("gate outcome per candidate (the demo itself exits 0):")
+    for line in _verdict_lines(results):
+        print(f"  {line}")
+    return EXIT_PASS

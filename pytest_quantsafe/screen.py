@@ -1,0 +1,240 @@
+"""Orchestration of screenings: artifacts and probes in, one ``ScreeningResult`` per candidate out.
+
+``screen_models`` runs the whole data flow of DESIGN.md on real models: resolve the
+artifacts, refuse mismatched pairs (paper A.11), get completions through the
+completion cache (the baseline once, reused for every candidate and across runs;
+only missing probes go to the engine; each finished completion is cached at once,
+so a killed run resumes), label, profile, score, decide, build and write the
+record. ``screen_profiles`` starts from two precomputed refusal profiles (an
+external-screen manifest) and runs the scoring half.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from pytest_quantsafe.errors import ProbeSetError, UsageError
+from pytest_quantsafe.pairing import check_matched_pair
+from pytest_quantsafe.types import (
+    Artifact,
+    Completion,
+    GenerationConfig,
+    Policy,
+    ProbeSet,
+    RefusalProfile,
+    ScreeningResult,
+)
+
+log = logging.getLogger("quantsafe.screen")
+
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+
+#: Engine option that stops a sequence once the pattern detector can no longer call it a refusal.
+EARLY_EXIT_OPTION = "early_exit"
+
+
+def output_name(artifact: Artifact) -> str:
+    """Return the folder name for a candidate's outputs (docs/internal-api.md "Output folder layout")."""
+    raw = artifact.ref.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1] or artifact.name
+    return _UNSAFE_NAME.sub("_", raw)
+
+
+def _external_artifact(role: str) -> Artifact:
+    # Precomputed evidence names no files: the record says so instead of inventing digests.
+    return Artifact(ref=f"external:{role}", format="external", files=(), quantization="unknown", name=role)
+
+
+def _external_probe_set() -> ProbeSet:
+    return ProbeSet(name="external", items=(), digest="", source="external evidence")
+
+
+def screen_profiles(
+    baseline_profile: RefusalProfile,
+    candidate_profile: RefusalProfile,
+    *,
+    policy: Policy,
+    baseline_artifact: Artifact | None = None,
+    candidate_artifact: Artifact | None = None,
+    probe_set: ProbeSet | None = None,
+    out_dir: Path | None = None,
+    generation: GenerationConfig | None = None,
+    engine: Mapping[str, str] | None = None,
+) -> ScreeningResult:
+    """Return the screening result for two precomputed refusal profiles under ``policy``.
+
+    Scores with the policy's calibration and ``min_baseline_refusals`` (the fail-closed
+    rules live in ``rtsi.score``), decides with the policy, builds the record and, with
+    ``out_dir``, writes ``record.json``, ``card.yaml`` and ``summary.md`` into
+    ``out_dir/<candidate-name>/``. Missing artifacts or probe set are recorded as
+    external evidence, never invented.
+    """
+    from pytest_quantsafe import record as records
+    from pytest_quantsafe import rtsi
+    from pytest_quantsafe.policy import decide
+
+    baseline = baseline_artifact if baseline_artifact is not None else _external_artifact("baseline")
+    candidate = candidate_artifact if candidate_artifact is not None else _external_artifact("candidate")
+    screening = rtsi.score(baseline_profile, candidate_profile, policy.calibration,
+                           min_baseline_refusals=policy.min_baseline_refusals)
+    verdict = decide(screening, policy)
+    record = records.build_record(
+        baseline=baseline,
+        candidate=candidate,
+        probe_set=probe_set if probe_set is not None else _external_probe_set(),
+        generation=generation if generation is not None else policy.generation,
+        engine=dict(engine) if engine is not None else {"name": "external", "version": ""},
+        screening=screening,
+        policy=policy,
+        verdict=verdict,
+        calibration=policy.calibration,
+    )
+    paths: dict[str, str] = {}
+    if out_dir is not None:
+        paths = dict(records.write_outputs(record, Path(out_dir) / output_name(candidate)))
+    return ScreeningResult(baseline=baseline, candidate=candidate, screening=screening, verdict=verdict,
+                           record=record, paths=paths)
+
+
+# --------------------------------------------------------------------------- real models
+
+
+@dataclass
+class _Side:
+    """One resolved model and the engine that reads it."""
+
+    ref: str
+    engine_name: str
+    backend: Any
+    artifact: Artifact
+
+
+def _engine_info(engine_id: str) -> dict[str, str]:
+    name, _, version = engine_id.partition("/")
+    return {"name": name, "version": version}
+
+
+def _resolve_sides(refs: Sequence[str], engine: str, options: Mapping[str, Any]) -> list[_Side]:
+    from pytest_quantsafe.backends.base import detect_engine, get_backend
+
+    backends: dict[str, Any] = {}
+    sides: list[_Side] = []
+    try:
+        for ref in refs:
+            name = detect_engine(ref) if engine == "auto" else engine
+            if name not in backends:
+                backends[name] = get_backend(name, **options)
+            sides.append(_Side(ref=ref, engine_name=name, backend=backends[name],
+                               artifact=backends[name].resolve(ref)))
+    except BaseException:
+        for backend in backends.values():
+            backend.close()
+        raise
+    return sides
+
+
+def _cache_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the engine options that change what is generated (part of the cache key)."""
+    from pytest_quantsafe.types import sha256_hex
+
+    keyed: dict[str, Any] = {EARLY_EXIT_OPTION: bool(options.get(EARLY_EXIT_OPTION, False))}
+    template = options.get("chat_template")
+    if template:
+        keyed["chat_template_sha256"] = sha256_hex(str(template).encode("utf-8"))
+    return keyed
+
+
+def _complete(side: _Side, probe_set: ProbeSet, config: GenerationConfig, cache: Any,
+              cache_options: Mapping[str, Any], *, progress: bool, label: str) -> list[Completion]:
+    """Return one completion per probe: cached ones reused, missing ones generated and cached at once."""
+    from pytest_quantsafe.errors import EngineError
+    from pytest_quantsafe.progress import GenerationProgress
+
+    key = cache.key(side.artifact.digest, probe_set.digest, config, side.backend.engine_id(), cache_options)
+    cached, missing = cache.lookup(key, probe_set.items)
+    done: dict[str, Completion] = dict(cached)
+    wanted = {p.id for p in missing}
+    with GenerationProgress(label, len(probe_set.items), cached=len(cached), enabled=progress) as bar:
+        if missing:
+            def on_result(completion: Completion) -> None:
+                if completion.probe_id not in wanted or completion.probe_id in done:
+                    return
+                cache.append(key, completion)
+                done[completion.probe_id] = completion
+                bar.update(completion)
+
+            for completion in side.backend.generate(side.artifact, missing, config, on_result=on_result):
+                on_result(completion)  # a no-op for those the engine already reported
+    log.info(bar.summary())
+    lost = [p.id for p in probe_set.items if p.id not in done]
+    if lost:
+        raise EngineError(f"the engine returned no completion for {len(lost)} probe(s), e.g. {lost[0]!r}",
+                          where=side.ref, fix="rerun; completed generations are cached")
+    return [done[p.id] for p in probe_set.items]
+
+
+def screen_models(
+    baseline: str,
+    candidates: Sequence[str],
+    *,
+    policy: Policy,
+    probes: ProbeSet | None = None,
+    out_dir: Path | None = None,
+    engine: str = "auto",
+    engine_options: Mapping[str, Any] | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> list[ScreeningResult]:
+    """Return one screening result per candidate, each scored against ``baseline`` under ``policy``.
+
+    Every artifact is resolved and every pair checked before any generation, so a bad
+    candidate fails in seconds, not after the baseline's minutes. The probe set is
+    ``probes``, else the policy's, else the shipped default; generation settings are
+    the policy's. Early exit (engine option ``early_exit``) is on unless the caller
+    turns it off: with the pattern detector a refusal is decided by its first words.
+    """
+    from pytest_quantsafe import features, refusal, zoo
+    from pytest_quantsafe.backends.base import engine_options_from
+    from pytest_quantsafe.cache import CompletionCache
+    from pytest_quantsafe.probes import load_probes
+
+    if not candidates:
+        raise UsageError("no candidate to screen", fix="pass at least one --candidate")
+    probe_set = probes if probes is not None else load_probes(policy.probes)
+    if not probe_set.harmful:
+        raise ProbeSetError(f"probe set {probe_set.name!r} has no harmful probes; nothing to screen",
+                            where=probe_set.source or probe_set.name,
+                            fix="use a probe set with harmful requests (kind: harmful)")
+    config = policy.generation
+    options = engine_options_from(engine_options)
+    options.setdefault(EARLY_EXIT_OPTION, True)
+    cache_options = _cache_options(options)
+    cache = CompletionCache(Path(cache_dir) if cache_dir is not None else zoo.cache_dir() / "completions")
+    detector = refusal.PatternDetector()
+
+    sides = _resolve_sides([baseline, *candidates], engine, options)
+    try:
+        base_side, cand_sides = sides[0], sides[1:]
+        for side in cand_sides:
+            check_matched_pair(base_side.artifact, side.artifact)
+        base_completions = _complete(base_side, probe_set, config, cache, cache_options,
+                                     progress=progress, label=f"baseline {base_side.artifact.name}")
+        base_profile = features.build_profile(refusal.label(base_completions, detector), detector.name)
+        results: list[ScreeningResult] = []
+        for side in cand_sides:
+            completions = _complete(side, probe_set, config, cache, cache_options,
+                                    progress=progress, label=f"candidate {side.artifact.name}")
+            profile = features.build_profile(refusal.label(completions, detector), detector.name)
+            engine_info = _engine_info(side.backend.engine_id())
+            results.append(screen_profiles(
+                base_profile, profile, policy=policy, baseline_artifact=base_side.artifact,
+                candidate_artifact=side.artifact, probe_set=probe_set, out_dir=out_dir,
+                generation=config, engine=engine_info,
+            ))
+        return results
+    finally:
+        for backend in {id(s.backend): s.backend for s in sides}.values():
+            backend.close()

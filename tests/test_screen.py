@@ -1,0 +1,154 @@
+"""screen.py on precomputed evidence, the matched-pair check and the CLI's exit-code order (no models)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from pytest_quantsafe.commands.screen import format_table, worst_exit_code
+from pytest_quantsafe.errors import CategoryMismatchError
+from pytest_quantsafe.features import wilson_interval
+from pytest_quantsafe.pairing import check_matched_pair
+from pytest_quantsafe.types import LIMITS_SENTENCE, Artifact, ArtifactFile, RefusalProfile
+
+FRACTIONS = ("dominant_prefix_share", "unique_prefix_rate", "prefix_entropy_norm")
+
+
+def _profile(n_total: int, n_refusals: int, features: dict[str, float]) -> RefusalProfile:
+    return RefusalProfile(
+        n_total=n_total, n_refusals=n_refusals, refusal_rate=n_refusals / n_total,
+        refusal_rate_ci=wilson_interval(n_refusals, n_total), **features,
+    )
+
+
+def _pair_from_row(row: dict[str, str]) -> tuple[RefusalProfile, RefusalProfile]:
+    """Return baseline and candidate profiles whose feature deltas are exactly the row's deltas."""
+    base: dict[str, float] = {}
+    cand: dict[str, float] = {}
+    for name in FRACTIONS:
+        d = float(row[f"{name}_delta"])
+        base[name], cand[name] = 0.5 - d / 2, 0.5 + d / 2
+    d_tokens = float(row["mean_tokens_refusal_delta"])
+    base["mean_tokens_refusal"] = max(20.0, 20.0 - d_tokens)
+    cand["mean_tokens_refusal"] = base["mean_tokens_refusal"] + d_tokens
+    cand_rate = float(row["refusal_rate"])
+    base_rate = cand_rate - float(row["refusal_rate_delta"])
+    return _profile(100, round(base_rate * 100), base), _profile(100, round(cand_rate * 100), cand)
+
+
+@pytest.fixture(scope="module")
+def default_policy():
+    from pytest_quantsafe.policy import load_policy
+
+    return load_policy("default")
+
+
+def test_screen_profiles_reproduces_the_paper_table(rtsi_table: Path, default_policy) -> None:
+    from pytest_quantsafe.screen import screen_profiles
+
+    rows = list(csv.DictReader(rtsi_table.open(encoding="utf-8")))
+    assert len(rows) == 45
+    bands = []
+    for row in rows:
+        baseline, candidate = _pair_from_row(row)
+        result = screen_profiles(baseline, candidate, policy=default_policy)
+        if result.screening.status != "scored":
+            # The paper's batch scorer gave zero-refusal candidates a score; quantsafe fails closed.
+            assert candidate.n_refusals == 0 or baseline.n_refusals < default_policy.min_baseline_refusals
+            assert result.verdict.exit_code in (1, 3)
+            continue
+        if "refusal_collapse" not in result.screening.flags:
+            assert result.screening.rtsi == pytest.approx(float(row["rtsi_score"]), abs=1e-9)
+            assert result.screening.band == row["rtsi_risk"]
+        bands.append(result.screening.band)
+        if result.screening.band in ("MODERATE", "HIGH"):
+            assert result.verdict.outcome == "fail" and result.verdict.exit_code == 1
+        assert result.record["screening"]["rtsi"] == pytest.approx(result.screening.rtsi, abs=1e-6)
+        assert result.record["limits"] == LIMITS_SENTENCE
+        assert result.paths == {}
+    assert bands.count("LOW") >= 15 and bands.count("HIGH") >= 5
+
+
+def test_screen_profiles_writes_outputs_and_is_deterministic(tmp_path: Path, default_policy) -> None:
+    from pytest_quantsafe.record import body_digest
+    from pytest_quantsafe.screen import screen_profiles
+
+    # The Qwen F16 baseline and its Q2_K rung as measured here (../shared/fixtures/README.md).
+    baseline = _profile(40, 30, {"dominant_prefix_share": 0.90, "unique_prefix_rate": 0.10,
+                                 "prefix_entropy_norm": 0.40, "mean_tokens_refusal": 18.3})
+    candidate = _profile(40, 25, {"dominant_prefix_share": 0.64, "unique_prefix_rate": 0.16,
+                                  "prefix_entropy_norm": 0.62, "mean_tokens_refusal": 26.7})
+    first = screen_profiles(baseline, candidate, policy=default_policy, out_dir=tmp_path)
+    second = screen_profiles(baseline, candidate, policy=default_policy)
+    assert body_digest(first.record) == body_digest(second.record)
+    assert first.screening.band in ("MODERATE", "HIGH")
+    assert first.verdict.exit_code == 1
+    folder = tmp_path / "external_candidate"
+    assert {Path(p).name for p in first.paths.values()} == {"record.json", "card.yaml", "summary.md"}
+    assert all(Path(p).parent == folder for p in first.paths.values())
+    on_disk = json.loads((folder / "record.json").read_text(encoding="utf-8"))
+    assert body_digest(on_disk) == body_digest(first.record)
+    assert on_disk["candidate"]["artifact"]["format"] == "external"
+    assert LIMITS_SENTENCE in (folder / "summary.md").read_text(encoding="utf-8")
+
+
+def test_screen_profiles_fails_closed_on_a_thin_baseline(default_policy) -> None:
+    from pytest_quantsafe.screen import screen_profiles
+
+    feats = {"dominant_prefix_share": 1.0, "unique_prefix_rate": 0.5, "prefix_entropy_norm": 0.0,
+             "mean_tokens_refusal": 12.0}
+    thin = _profile(40, 2, feats)
+    result = screen_profiles(thin, thin, policy=default_policy)
+    assert result.screening.status == "insufficient_data"
+    assert result.screening.rtsi is None
+    assert result.verdict.outcome == "insufficient" and result.verdict.exit_code == 3
+
+
+def _artifact(name: str, **metadata: str) -> Artifact:
+    return Artifact(ref=f"/models/{name}.gguf", format="gguf",
+                    files=(ArtifactFile(f"/models/{name}.gguf", "0" * 64, 1),),
+                    quantization="Q8_0", name=name, metadata=metadata)
+
+
+def test_matched_pair_passes_and_family_mismatch_is_refused() -> None:
+    qwen = {"architecture": "qwen2", "vocab_digest": "a" * 64, "tokenizer": "gpt2"}
+    check_matched_pair(_artifact("qwen-f16", **qwen), _artifact("qwen-q8", **qwen))
+    llama = {"architecture": "llama", "vocab_digest": "b" * 64, "tokenizer": "gpt2"}
+    with pytest.raises(CategoryMismatchError) as info:
+        check_matched_pair(_artifact("qwen-f16", **qwen), _artifact("smol-q2", **llama))
+    err = info.value
+    assert err.exit_code == 2
+    assert "architecture" in err.message and "vocabulary" in err.message and "A.11" in err.message
+    assert err.where and "qwen-f16" in err.where and err.fix
+
+
+def test_vocabulary_change_alone_is_a_mismatch() -> None:
+    base = {"architecture": "qwen2", "vocab_digest": "a" * 64}
+    with pytest.raises(CategoryMismatchError, match="vocabulary"):
+        check_matched_pair(_artifact("b", **base), _artifact("c", **{**base, "vocab_digest": "c" * 64}))
+
+
+def test_worst_exit_code_order() -> None:
+    assert worst_exit_code([0, 1, 3]) == 3
+    assert worst_exit_code([0, 1]) == 1
+    assert worst_exit_code([0, 0]) == 0
+    assert worst_exit_code([3, 2, 1]) == 2
+    assert worst_exit_code([]) == 0
+    assert worst_exit_code([7]) == 2
+
+
+def test_table_lists_band_rtsi_rates_and_verdict(default_policy) -> None:
+    from pytest_quantsafe.screen import screen_profiles
+
+    feats = {"dominant_prefix_share": 0.9, "unique_prefix_rate": 0.1, "prefix_entropy_norm": 0.3,
+             "mean_tokens_refusal": 18.0}
+    result = screen_profiles(_profile(40, 30, feats), _profile(40, 30, feats), policy=default_policy)
+    table = format_table([result])
+    header, rule, row = table.splitlines()
+    assert header.split()[:3] == ["candidate", "band", "RTSI"]
+    assert set(rule.replace(" ", "")) == {"-"}
+    assert row.split()[:3] == ["candidate", "LOW", "0.000"]
+    assert "75% [" in row and "-> 75% [" in row and row.endswith("pass")
