@@ -20,6 +20,7 @@ from pytest_quantsafe.errors import EXIT_USAGE, QuantSafeError
 #: Sub-command modules under ``pytest_quantsafe.commands``, in help order.
 COMMANDS: tuple[str, ...] = (
     "scoring",   # score-csv, calibrate, screen-manifest, manifest, card
+    "policy",    # policy check, policy diff
 )
 
 

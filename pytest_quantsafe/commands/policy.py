@@ -1,0 +1,74 @@
+"""``quantsafe policy check FILE`` and ``quantsafe policy diff OLD NEW`` (policy-as-code review)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from pytest_quantsafe.errors import EXIT_PASS
+from pytest_quantsafe.types import LIMITS_SENTENCE
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``policy`` command and its ``check`` / ``diff`` sub-commands."""
+    parser = subparsers.add_parser("policy", help="validate a policy or show what a change loosens or tightens")
+    sub = parser.add_subparsers(dest="policy_command", metavar="ACTION")
+    sub.required = True
+    check = sub.add_parser("check", help="validate a policy file and print its effective settings")
+    check.add_argument("policy", help="policy YAML path or packaged name (default, strict, advisory)")
+    check.set_defaults(func=_check)
+    diff = sub.add_parser("diff", help="print what NEW loosens or tightens compared with OLD, per key")
+    diff.add_argument("old", help="the policy before the change (path or packaged name)")
+    diff.add_argument("new", help="the policy after the change (path or packaged name)")
+    diff.add_argument("--fail-on-loosen", action="store_true",
+                      help="exit 1 when the change loosens any key (for a PR check)")
+    diff.set_defaults(func=_diff)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from pytest_quantsafe.policy import load_policy
+
+    policy = load_policy(args.policy)
+    data = policy.to_dict()
+    out = [f"policy {policy.name}: valid ({policy.source})", f"  policy digest  {policy.digest}",
+           f"  calibration    {policy.calibration.name} ({policy.calibration.digest[:12]}, "
+           f"bands {policy.calibration.bands.moderate:g}/{policy.calibration.bands.high:g})"]
+    for key in ("bands", "fail_at", "max_refusal_drop_pp", "min_baseline_refusals", "on_insufficient", "mode",
+                "max_benign_refusal_increase_pp", "min_band_stability", "fail_on_flags", "probes", "generation"):
+        value = data[key]
+        text = ", ".join(f"{k}={_fmt(v)}" for k, v in value.items()) if isinstance(value, dict) else _fmt(value)
+        out.append(f"  {key:<14} {text}" if len(key) <= 14 else f"  {key} {text}")
+    out.append(LIMITS_SENTENCE)
+    sys.stdout.write("\n".join(out) + "\n")
+    return EXIT_PASS
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from pytest_quantsafe.policy import diff_policies, load_policy
+
+    old, new = load_policy(args.old), load_policy(args.new)
+    changes = diff_policies(old, new)
+    out = [f"policy diff {old.source} -> {new.source}"]
+    if not changes:
+        out.append("  no decision-relevant change")
+    for c in changes:
+        out.append(f"  {c.key}: {_fmt(c.old)} -> {_fmt(c.new)}  ({c.direction})")
+    n_tight = sum(c.direction == "tightens" for c in changes)
+    n_loose = sum(c.direction == "loosens" for c in changes)
+    n_other = len(changes) - n_tight - n_loose
+    out.append(f"summary: {n_tight} tighten, {n_loose} loosen, {n_other} change what is measured")
+    if n_loose:
+        out.append("review: this change loosens the release gate")
+    sys.stdout.write("\n".join(out) + "\n")
+    return 1 if (args.fail_on_loosen and n_loose) else EXIT_PASS
