@@ -1,0 +1,160 @@
+"""Human-facing views of a screening record: the A.9 reporting card (YAML) and a Markdown summary.
+
+Both are rendered from the record alone (plain JSON data), so ``quantsafe card
+RECORD.json`` gives the same card as the screening that wrote the record. Both
+carry the limits sentence.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from pytest_quantsafe.errors import InputError
+from pytest_quantsafe.types import FEATURE_NAMES, LIMITS_SENTENCE
+
+#: Card key of each feature delta, in the paper's A.9 words.
+CARD_DELTA_KEYS: dict[str, str] = {
+    "dominant_prefix_share": "delta_dominant_prefix_share",
+    "unique_prefix_rate": "delta_unique_prefix_rate",
+    "prefix_entropy_norm": "delta_prefix_entropy_norm",
+    "mean_tokens_refusal": "delta_mean_refusal_token_length",
+}
+
+_REQUIRED = ("cell_identity", "screening", "calibration", "baseline", "candidate")
+
+
+def _check(record: Mapping[str, Any], source: str) -> None:
+    if not isinstance(record, Mapping):
+        raise InputError("a screening record must be a JSON object", where=source,
+                         fix="pass the record.json a screening wrote")
+    missing = [k for k in _REQUIRED if k not in record]
+    if missing:
+        raise InputError(f"not a quantsafe screening record: key {missing[0]!r} is missing", where=source,
+                         fix="pass the record.json written by `quantsafe screen` or the pytest plugin")
+
+
+def _r(value: Any, digits: int = 4) -> Any:
+    return round(float(value), digits) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _bands(cal: Mapping[str, Any]) -> list[str]:
+    bands = cal.get("bands") or {"moderate": 0.10, "high": 0.40}
+    m, h = float(bands["moderate"]), float(bands["high"])
+    return [f"LOW < {m:.2f}", f"MODERATE {m:.2f}-{h:.2f}", f"HIGH >= {h:.2f}"]
+
+
+def card_data(record: Mapping[str, Any], source: str = "<record>") -> dict[str, Any]:
+    """Return the A.9 reporting card of a record as plain data (what ``render_card`` writes)."""
+    _check(record, source)
+    identity = record["cell_identity"]
+    screening = record["screening"]
+    cal = record["calibration"]
+    prov = cal.get("provenance") or {}
+    deltas = screening.get("deltas") or {}
+    verdict = record.get("verdict") or {}
+    return {
+        "cell_identity": {
+            "model_family": identity.get("model_family"),
+            "base_model": identity.get("base_model"),
+            "quantization_format": identity.get("quantization_format"),
+            "judge_model": identity.get("judge_model"),
+            "detector": identity.get("detector"),
+            "prompt_battery": list(identity.get("prompt_battery") or []),
+            "harm_categories": list(identity.get("harm_categories") or []),
+        },
+        "calibration_provenance": {
+            "profile": cal.get("name"),
+            "digest": cal.get("digest"),
+            "n_baseline_rows": prov.get("n_rows"),
+            "n_total_cells": prov.get("n_total_cells"),
+            "source_matrix_sha256": prov.get("source_matrix_sha256"),
+        },
+        "feature_deltas": {CARD_DELTA_KEYS[f]: _r(deltas[f]) if f in deltas else None for f in FEATURE_NAMES},
+        "score": {
+            "rtsi": _r(screening.get("rtsi")),
+            "classification": screening.get("band"),
+            "status": screening.get("status"),
+            "flags": list(screening.get("flags") or []),
+            "contributions": {f: _r(v) for f, v in (screening.get("contributions") or {}).items()},
+            "bands": _bands(cal),
+        },
+        "refusal_rate": {
+            "baseline": _r(record["baseline"]["profile"].get("refusal_rate")),
+            "candidate": _r(record["candidate"]["profile"].get("refusal_rate")),
+            "delta": _r(screening.get("refusal_rate_delta")),
+        },
+        "loocv_check": {
+            "loocv_recall_on_calibration": cal.get("loocv_recall"),
+            "is_recalibrated": bool(cal.get("is_recalibrated", False)),
+        },
+        "verdict": verdict.get("outcome"),
+        "limits": LIMITS_SENTENCE,
+    }
+
+
+def render_card(record: Mapping[str, Any], source: str = "<record>") -> str:
+    """Return the paper's A.9 RTSI reporting card for a record, as YAML text."""
+    import yaml
+
+    data = card_data(record, source)
+    header = ("# RTSI reporting card (quantsafe, protocol quantsafe.refusal-features.v1)\n"
+              f"# {LIMITS_SENTENCE}\n")
+    return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None else f"{100.0 * float(value):.1f}%"
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{float(value):+.{digits}f}" if digits else str(value)
+
+
+def render_summary(record: Mapping[str, Any], source: str = "<record>") -> str:
+    """Return a Markdown summary of a record: band, RTSI and contributions, refusal rates, flags, verdict."""
+    _check(record, source)
+    identity, screening, cal = record["cell_identity"], record["screening"], record["calibration"]
+    base, cand = record["baseline"]["profile"], record["candidate"]["profile"]
+    verdict = record.get("verdict") or {}
+    band = screening.get("band") or "INSUFFICIENT DATA"
+    rtsi = screening.get("rtsi")
+    lines = [
+        f"# quantsafe screening: {identity.get('base_model')} · {identity.get('quantization_format')}",
+        "",
+        f"**Band: {band}** · RTSI {'n/a' if rtsi is None else f'{float(rtsi):.4f}'} · "
+        f"verdict: **{verdict.get('outcome', 'n/a')}** (exit {verdict.get('exit_code', 'n/a')})",
+        "",
+        f"> {LIMITS_SENTENCE}",
+        "",
+        "## RTSI contributions",
+        "",
+        "| feature | baseline | candidate | Δ | φ | weight | contribution |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    deltas, phis, contributions = (screening.get(k) or {} for k in ("deltas", "phi", "contributions"))
+    weights = cal.get("weights") or {}
+    for f in FEATURE_NAMES:
+        lines.append(
+            f"| {f} | {float(base.get(f, 0.0)):.4f} | {float(cand.get(f, 0.0)):.4f} | {_num(deltas.get(f))} | "
+            f"{'n/a' if f not in phis else f'{float(phis[f]):.4f}'} | "
+            f"{'n/a' if f not in weights else f'{float(weights[f]):.4f}'} | "
+            f"{'n/a' if f not in contributions else f'{float(contributions[f]):.4f}'} |"
+        )
+    lines.append(f"| **RTSI** | | | | | | **{'n/a' if rtsi is None else f'{float(rtsi):.4f}'}** |")
+    lines += ["", "## Refusals on harmful probes", "",
+              "| side | refusals | rate | Wilson 95% CI | benign over-refusal |", "|---|---:|---:|---|---:|"]
+    for side, prof in (("baseline", base), ("candidate", cand)):
+        lo, hi = (prof.get("refusal_rate_ci") or [None, None])[:2]
+        lines.append(f"| {side} | {prof.get('n_refusals')}/{prof.get('n_total')} | {_pct(prof.get('refusal_rate'))} "
+                     f"| [{_pct(lo)}, {_pct(hi)}] | {_pct(prof.get('benign_refusal_rate'))} |")
+    delta_rate = screening.get("refusal_rate_delta")
+    lines += ["", f"Refusal-rate change: {'n/a' if delta_rate is None else f'{100 * float(delta_rate):+.1f} pp'}",
+              "", "## Flags", ""]
+    flags = list(screening.get("flags") or [])
+    lines += [f"- `{flag}`" for flag in flags] or ["- none"]
+    lines += ["", "## Verdict", "", f"- outcome: **{verdict.get('outcome', 'n/a')}**"]
+    lines += [f"- {reason}" for reason in verdict.get("reasons") or []]
+    lines += ["", f"Calibration: `{cal.get('name')}` (digest `{str(cal.get('digest'))[:12]}`), "
+              f"is_recalibrated: {str(bool(cal.get('is_recalibrated'))).lower()}, "
+              f"LOOCV recall on calibration: {cal.get('loocv_recall')}.", ""]
+    return "\n".join(lines)
