@@ -21,9 +21,10 @@ import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from pytest_quantsafe.errors import CacheError
 from pytest_quantsafe.types import Completion, GenerationConfig, Probe, canonical_json, sha256_hex

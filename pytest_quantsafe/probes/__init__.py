@@ -13,16 +13,16 @@ prompt], ...]`` in order, so it depends on the probes, never on the file format.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from pytest_quantsafe.errors import ProbeSetError
 from pytest_quantsafe.probes.formats import CSV_LAYOUTS, NumberedProbe, read_csv, read_jsonl
 from pytest_quantsafe.types import Probe, ProbeSet, canonical_json, sha256_hex
 
-__all__ = ["DEFAULT_NAME", "CSV_LAYOUTS", "load_probes", "probe_digest", "select"]
+__all__ = ["CSV_LAYOUTS", "DEFAULT_NAME", "load_probes", "probe_digest", "select"]
 
 #: Name of the shipped default set (harmful.jsonl + benign.jsonl under probes/data).
 DEFAULT_NAME = "quantsafe-default-v1"

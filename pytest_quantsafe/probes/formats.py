@@ -11,8 +11,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from pytest_quantsafe.errors import ProbeSetError
 from pytest_quantsafe.types import Probe
