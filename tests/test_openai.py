@@ -1,0 +1,200 @@
+"""The OpenAI-compatible engine against real HTTP servers on 127.0.0.1.
+
+A small http.server-based server misbehaves on purpose (drops connections, answers
+500 or 429 before 200, hangs); a real ``python -m llama_cpp.server`` serves a packaged
+GGUF for the end-to-end test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from pytest_quantsafe.backends.base import detect_engine, get_backend
+from pytest_quantsafe.backends.openai import OpenAIBackend, parse_ref
+from pytest_quantsafe.errors import EngineError, ModelLoadError, UsageError
+from pytest_quantsafe.types import Completion, GenerationConfig, Probe
+
+MODEL_ID = "flaky-model"
+
+
+class _Flaky(BaseHTTPRequestHandler):
+    """Answers by the prompt's instruction word; counts attempts per prompt."""
+
+    protocol_version = "HTTP/1.1"
+    attempts: dict[str, int] = {}
+    lock = threading.Lock()
+    hang_seconds = 3.0
+
+    def log_message(self, *args: Any) -> None:  # keep test output clean
+        pass
+
+    def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path == "/v1/models":
+            self._send(200, {"object": "list", "data": [{"id": MODEL_ID, "object": "model"}]})
+        else:
+            self._send(404, {"error": "not found"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][-1]["content"]
+        with self.lock:
+            n = self.attempts[prompt] = self.attempts.get(prompt, 0) + 1
+        if prompt.startswith("drop") and n == 1:
+            # a dropped connection: close without any answer
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if prompt.startswith("fail500") and n == 1:
+            self._send(500, {"error": "internal"})
+            return
+        if prompt.startswith("busy") and n <= 2:
+            self._send(429, {"error": "slow down"}, {"Retry-After": "0"})
+            return
+        if prompt.startswith("always500"):
+            self._send(503, {"error": "unavailable"})
+            return
+        if prompt.startswith("hang"):
+            time.sleep(self.hang_seconds)
+            return
+        if prompt.startswith("nousage"):
+            self._send(200, {"choices": [{"message": {"role": "assistant", "content": "ok"},
+                                          "finish_reason": "stop"}]})
+            return
+        text = f"echo: {prompt}"
+        self._send(200, {
+            "id": "x", "object": "chat.completion", "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": len(text.split()), "total_tokens": 0},
+        })
+
+
+@pytest.fixture()
+def flaky_server() -> Iterator[str]:
+    _Flaky.attempts = {}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _probes(*prompts: str) -> list[Probe]:
+    return [Probe(id=f"p{i}", prompt=p, category="test", kind="harmful") for i, p in enumerate(prompts)]
+
+
+def test_parse_ref_and_engine_detection() -> None:
+    assert parse_ref("http://127.0.0.1:8000/v1#qwen") == ("http://127.0.0.1:8000/v1", "qwen")
+    assert parse_ref("http://h:1/v1/chat/completions", "m") == ("http://h:1/v1", "m")
+    assert detect_engine("http://127.0.0.1:8000/v1#qwen") == "openai"
+    with pytest.raises(UsageError):
+        parse_ref("ftp://h/v1#m")
+
+
+def test_bad_options_are_usage_errors() -> None:
+    with pytest.raises(UsageError, match="sha256"):
+        OpenAIBackend(digest="abc")
+    with pytest.raises(UsageError):
+        OpenAIBackend(concurrency=0)
+
+
+def test_resolve_records_model_id_and_user_digest(flaky_server: str) -> None:
+    digest = "ab" * 32
+    backend = get_backend("openai", digest=f"sha256:{digest}", quantization="Q4_K_M")
+    art = backend.resolve(f"{flaky_server}#{MODEL_ID}")
+    assert art.format == "openai"
+    assert art.digest == digest
+    assert art.metadata["model_id"] == MODEL_ID
+    assert art.metadata["digest_pinned"] == "true"
+    assert art.quantization == "Q4_K_M"
+    # the only served model is picked when the reference names none; unpinned is said so
+    unpinned = OpenAIBackend().resolve(flaky_server)
+    assert unpinned.metadata["model_id"] == MODEL_ID
+    assert unpinned.metadata["digest_pinned"] == "false"
+    with pytest.raises(ModelLoadError, match="does not serve"):
+        backend.resolve(f"{flaky_server}#other-model")
+
+
+def test_survives_drops_500s_and_429s_without_losing_results(flaky_server: str) -> None:
+    backend = OpenAIBackend(concurrency=3, timeout=5, retries=3, backoff=0.01)
+    art = backend.resolve(f"{flaky_server}#{MODEL_ID}")
+    prompts = ["drop a", "fail500 b", "busy c", "plain d", "drop e", "plain f"]
+    delivered: list[Completion] = []
+    out = backend.generate(art, _probes(*prompts), GenerationConfig(max_new_tokens=8), on_result=delivered.append)
+    assert [c.text for c in out] == [f"echo: {p}" for p in prompts]
+    assert [c.probe_id for c in out] == [f"p{i}" for i in range(6)]
+    assert sorted(c.probe_id for c in delivered) == sorted(c.probe_id for c in out)
+    assert out[0].n_tokens == 3  # usage.completion_tokens, not a count of ours
+    # drop: 2 attempts each, 500: 2, 429: 3, plain: 1 -> 4 + 2 + 3 + 2 = 11 requests, 5 retries
+    assert _Flaky.attempts == {"drop a": 2, "fail500 b": 2, "busy c": 3, "plain d": 1, "drop e": 2, "plain f": 1}
+    assert backend.stats["retries"] == 5
+
+
+def test_gives_up_after_the_retry_budget(flaky_server: str) -> None:
+    backend = OpenAIBackend(concurrency=1, timeout=5, retries=2, backoff=0.01)
+    art = backend.resolve(f"{flaky_server}#{MODEL_ID}")
+    with pytest.raises(EngineError, match="gave up after 3 attempts") as info:
+        backend.generate(art, _probes("always500"), GenerationConfig())
+    assert info.value.exit_code == 2
+    assert _Flaky.attempts["always500"] == 3
+
+
+def test_a_hanging_server_times_out_and_finished_results_are_kept(flaky_server: str) -> None:
+    backend = OpenAIBackend(concurrency=2, timeout=0.5, retries=3, backoff=0.01)
+    art = backend.resolve(f"{flaky_server}#{MODEL_ID}")
+    delivered: list[Completion] = []
+    started = time.monotonic()
+    with pytest.raises(EngineError) as info:
+        backend.generate(art, _probes("plain 1", "hang 2", "plain 3", "plain 4"), GenerationConfig(),
+                         on_result=delivered.append)
+    elapsed = time.monotonic() - started
+    assert info.value.exit_code == 2
+    assert "no answer within 0.5 s" in info.value.message
+    assert _Flaky.attempts["hang 2"] == 1  # a timeout is not retried
+    # every completion that finished reached on_result, even though the run failed
+    assert {c.text for c in delivered} >= {"echo: plain 1"}
+    assert all(c.text.startswith("echo: plain") for c in delivered)
+    assert f"{len(delivered)} of 4 completions finished" in info.value.message
+    assert elapsed < 2.5
+
+
+def test_an_answer_without_usage_is_refused(flaky_server: str) -> None:
+    backend = OpenAIBackend(concurrency=1, timeout=5, retries=0)
+    art = backend.resolve(f"{flaky_server}#{MODEL_ID}")
+    with pytest.raises(EngineError, match="usage.completion_tokens"):
+        backend.generate(art, _probes("nousage"), GenerationConfig())
+
+
+def test_an_unreachable_endpoint_is_a_load_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = OpenAIBackend(retries=1, backoff=0.01, timeout=2)
+    with pytest.raises(ModelLoadError, match="cannot reach") as info:
+        backend.resolve(f"http://127.0.0.1:{port}/v1#m")
+    assert info.value.exit_code == 2
