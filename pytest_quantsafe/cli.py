@@ -21,6 +21,7 @@ from pytest_quantsafe.errors import EXIT_USAGE, QuantSafeError
 COMMANDS: tuple[str, ...] = (
     "scoring",   # score-csv, calibrate, screen-manifest, manifest, card
     "policy",    # policy check, policy diff
+    "screen",    # screen, demo
 )
 
 

@@ -18,9 +18,9 @@ from pytest_quantsafe.types import Artifact
 #: Engines write them (as plain strings) when they resolve an artifact.
 IDENTITY_KEYS: Mapping[str, str] = {
     "architecture": "model architecture",
-    "vocab_digest": "vocabulary (token list digest)",
+    "vocab_sha256": "vocabulary (token list digest)",
     "vocab_size": "vocabulary size",
-    "tokenizer": "tokenizer model",
+    "tokenizer_model": "tokenizer model",
 }
 
 

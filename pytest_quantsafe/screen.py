@@ -35,6 +35,8 @@ _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 #: Engine option that stops a sequence once the pattern detector can no longer call it a refusal.
 EARLY_EXIT_OPTION = "early_exit"
+#: Engines that implement early exit; for them it is on unless the caller turns it off.
+EARLY_EXIT_ENGINES = frozenset({"gguf"})
 
 
 def output_name(artifact: Artifact) -> str:
@@ -110,6 +112,8 @@ class _Side:
     engine_name: str
     backend: Any
     artifact: Artifact
+    #: The options the engine was created with (early exit among them).
+    options: Mapping[str, Any]
 
 
 def _engine_info(engine_id: str) -> dict[str, str]:
@@ -117,43 +121,62 @@ def _engine_info(engine_id: str) -> dict[str, str]:
     return {"name": name, "version": version}
 
 
+def engine_options_for(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the options to create engine ``name`` with: early exit on by default where implemented.
+
+    With the protocol's pattern detector a refusal is decided by its first words, so a
+    sequence that can no longer become one needs no more tokens (its length is not a
+    feature). A judge or the quality measure needs full texts: pass ``early_exit=False``.
+    """
+    chosen = dict(options)
+    if name in EARLY_EXIT_ENGINES:
+        chosen.setdefault(EARLY_EXIT_OPTION, True)
+    elif chosen.pop(EARLY_EXIT_OPTION, False):
+        raise UsageError(f"the {name} engine cannot stop sequences early", where=f"engine option {EARLY_EXIT_OPTION}",
+                         fix=f"drop {EARLY_EXIT_OPTION}, or use an engine that supports it "
+                         f"({', '.join(sorted(EARLY_EXIT_ENGINES))})")
+    return chosen
+
+
 def _resolve_sides(refs: Sequence[str], engine: str, options: Mapping[str, Any]) -> list[_Side]:
     from pytest_quantsafe.backends.base import detect_engine, get_backend
 
-    backends: dict[str, Any] = {}
+    backends: dict[str, tuple[Any, dict[str, Any]]] = {}
     sides: list[_Side] = []
     try:
         for ref in refs:
             name = detect_engine(ref) if engine == "auto" else engine
             if name not in backends:
-                backends[name] = get_backend(name, **options)
-            sides.append(_Side(ref=ref, engine_name=name, backend=backends[name],
-                               artifact=backends[name].resolve(ref)))
+                chosen = engine_options_for(name, options)
+                backends[name] = (get_backend(name, **chosen), chosen)
+            backend, chosen = backends[name]
+            sides.append(_Side(ref=ref, engine_name=name, backend=backend, artifact=backend.resolve(ref),
+                               options=chosen))
     except BaseException:
-        for backend in backends.values():
+        for backend, _ in backends.values():
             backend.close()
         raise
     return sides
 
 
-def _cache_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Return the engine options that change what is generated (part of the cache key)."""
-    from pytest_quantsafe.types import sha256_hex
-
+def _cache_options(artifact: Artifact, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Return what, besides the artifact's files, changes the completions (part of the cache key)."""
     keyed: dict[str, Any] = {EARLY_EXIT_OPTION: bool(options.get(EARLY_EXIT_OPTION, False))}
-    template = options.get("chat_template")
+    # The prompt is rendered with this template: a --chat-template override changes every completion.
+    template = artifact.metadata.get("chat_template_sha256")
     if template:
-        keyed["chat_template_sha256"] = sha256_hex(str(template).encode("utf-8"))
+        keyed["chat_template_sha256"] = template
     return keyed
 
 
-def _complete(side: _Side, probe_set: ProbeSet, config: GenerationConfig, cache: Any,
-              cache_options: Mapping[str, Any], *, progress: bool, label: str) -> list[Completion]:
+def _complete(side: _Side, probe_set: ProbeSet, config: GenerationConfig, cache: Any, *,
+              progress: bool, label: str) -> list[Completion]:
     """Return one completion per probe: cached ones reused, missing ones generated and cached at once."""
     from pytest_quantsafe.errors import EngineError
     from pytest_quantsafe.progress import GenerationProgress
 
-    key = cache.key(side.artifact.digest, probe_set.digest, config, side.backend.engine_id(), cache_options)
+    key = cache.key(side.artifact.digest, probe_set.digest, config, side.backend.engine_id(),
+                    _cache_options(side.artifact, side.options))
     cached, missing = cache.lookup(key, probe_set.items)
     done: dict[str, Completion] = dict(cached)
     wanted = {p.id for p in missing}
@@ -193,8 +216,8 @@ def screen_models(
     Every artifact is resolved and every pair checked before any generation, so a bad
     candidate fails in seconds, not after the baseline's minutes. The probe set is
     ``probes``, else the policy's, else the shipped default; generation settings are
-    the policy's. Early exit (engine option ``early_exit``) is on unless the caller
-    turns it off: with the pattern detector a refusal is decided by its first words.
+    the policy's. Early exit (engine option ``early_exit``) is on where the engine
+    implements it, unless the caller turns it off (``engine_options_for``).
     """
     from pytest_quantsafe import features, refusal, zoo
     from pytest_quantsafe.backends.base import engine_options_from
@@ -210,8 +233,6 @@ def screen_models(
                             fix="use a probe set with harmful requests (kind: harmful)")
     config = policy.generation
     options = engine_options_from(engine_options)
-    options.setdefault(EARLY_EXIT_OPTION, True)
-    cache_options = _cache_options(options)
     cache = CompletionCache(Path(cache_dir) if cache_dir is not None else zoo.cache_dir() / "completions")
     detector = refusal.PatternDetector()
 
@@ -220,12 +241,12 @@ def screen_models(
         base_side, cand_sides = sides[0], sides[1:]
         for side in cand_sides:
             check_matched_pair(base_side.artifact, side.artifact)
-        base_completions = _complete(base_side, probe_set, config, cache, cache_options,
+        base_completions = _complete(base_side, probe_set, config, cache,
                                      progress=progress, label=f"baseline {base_side.artifact.name}")
         base_profile = features.build_profile(refusal.label(base_completions, detector), detector.name)
         results: list[ScreeningResult] = []
         for side in cand_sides:
-            completions = _complete(side, probe_set, config, cache, cache_options,
+            completions = _complete(side, probe_set, config, cache,
                                     progress=progress, label=f"candidate {side.artifact.name}")
             profile = features.build_profile(refusal.label(completions, detector), detector.name)
             engine_info = _engine_info(side.backend.engine_id())

@@ -114,9 +114,9 @@ def _artifact(name: str, **metadata: str) -> Artifact:
 
 
 def test_matched_pair_passes_and_family_mismatch_is_refused() -> None:
-    qwen = {"architecture": "qwen2", "vocab_digest": "a" * 64, "tokenizer": "gpt2"}
+    qwen = {"architecture": "qwen2", "vocab_sha256": "a" * 64, "tokenizer_model": "gpt2"}
     check_matched_pair(_artifact("qwen-f16", **qwen), _artifact("qwen-q8", **qwen))
-    llama = {"architecture": "llama", "vocab_digest": "b" * 64, "tokenizer": "gpt2"}
+    llama = {"architecture": "llama", "vocab_sha256": "b" * 64, "tokenizer_model": "gpt2"}
     with pytest.raises(CategoryMismatchError) as info:
         check_matched_pair(_artifact("qwen-f16", **qwen), _artifact("smol-q2", **llama))
     err = info.value
@@ -126,9 +126,9 @@ def test_matched_pair_passes_and_family_mismatch_is_refused() -> None:
 
 
 def test_vocabulary_change_alone_is_a_mismatch() -> None:
-    base = {"architecture": "qwen2", "vocab_digest": "a" * 64}
+    base = {"architecture": "qwen2", "vocab_sha256": "a" * 64}
     with pytest.raises(CategoryMismatchError, match="vocabulary"):
-        check_matched_pair(_artifact("b", **base), _artifact("c", **{**base, "vocab_digest": "c" * 64}))
+        check_matched_pair(_artifact("b", **base), _artifact("c", **{**base, "vocab_sha256": "c" * 64}))
 
 
 def test_worst_exit_code_order() -> None:

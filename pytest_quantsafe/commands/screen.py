@@ -28,6 +28,9 @@ EXIT_SEVERITY: tuple[int, ...] = (EXIT_USAGE, EXIT_INSUFFICIENT, EXIT_GATE_FAILE
 #: The demo's probe subset: category-stratified, a few minutes on 2 cores.
 DEMO_HARMFUL = 40
 DEMO_BENIGN = 20
+#: The demo's packaged model and its ladder: baseline first, then the candidates.
+DEMO_SOURCE = "qwen"
+DEMO_LADDER = ("F16", "Q8_0", "Q2_K")
 
 
 def worst_exit_code(codes: Sequence[int]) -> int:
@@ -69,6 +72,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="output folder: <out>/<candidate>/record.json, card.yaml, summary.md")
     p.add_argument("--threads", type=int, metavar="N", help="engine threads (default: the engine's choice)")
     p.add_argument("--cache-dir", type=Path, help="completion cache (default: $QUANTSAFE_CACHE/completions)")
+    p.add_argument("--no-early-exit", action="store_true",
+                   help="generate every answer in full (default: stop an answer once the pattern detector "
+                   "can no longer call it a refusal; records are the same either way)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -102,8 +108,10 @@ def _subset(probe_set: ProbeSet, max_probes: int | None) -> ProbeSet:
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {}
+    if args.no_early_exit:
+        options["early_exit"] = False
     if args.threads is not None:
-        options["n_threads"] = args.threads
+        options["threads"] = args.threads
     template = getattr(args, "chat_template", None)
     if template is not None:
         from pytest_quantsafe.errors import UsageError
@@ -111,7 +119,7 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
         if not template.is_file():
             raise UsageError("chat template file not found", where=str(template),
                              fix="pass a Jinja chat template file to --chat-template")
-        options["chat_template"] = template.read_text(encoding="utf-8")
+        options["chat_template"] = str(template)
     return options
 
 
@@ -190,8 +198,9 @@ def run_demo(args: argparse.Namespace) -> int:
     if not args.full:
         probe_set = select(probe_set, min(DEMO_HARMFUL, len(probe_set.harmful)),
                            min(DEMO_BENIGN, len(probe_set.benign)))
-    log.info("building or reusing the Qwen2.5-Coder-0.5B ladder under %s", zoo.models_dir())
-    ladder = zoo.demo_ladder()
+    log.info("building or reusing the Qwen2.5-Coder-0.5B ladder (F16, Q8_0, Q2_K) under %s; the first "
+             "build dequantizes 491 MB to F16 (about a minute)", zoo.models_dir())
+    ladder = [zoo.build_variant(DEMO_SOURCE, quant) for quant in DEMO_LADDER]
     out = args.out if args.out is not None else Path("quantsafe-out") / "demo"
     log.info("screening %s and %s against %s on %d harmful + %d benign probes",
              ladder[1].name, ladder[2].name, ladder[0].name, len(probe_set.harmful), len(probe_set.benign))
