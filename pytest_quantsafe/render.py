@@ -51,6 +51,7 @@ def card_data(record: Mapping[str, Any], source: str = "<record>") -> dict[str, 
     cal = record["calibration"]
     prov = cal.get("provenance") or {}
     deltas = screening.get("deltas") or {}
+    contributions = screening.get("contributions") or {}
     verdict = record.get("verdict") or {}
     return {
         "cell_identity": {
@@ -75,7 +76,7 @@ def card_data(record: Mapping[str, Any], source: str = "<record>") -> dict[str, 
             "classification": screening.get("band"),
             "status": screening.get("status"),
             "flags": list(screening.get("flags") or []),
-            "contributions": {f: _r(v) for f, v in (screening.get("contributions") or {}).items()},
+            "contributions": {f: _r(contributions[f]) for f in FEATURE_NAMES if f in contributions},
             "bands": _bands(cal),
         },
         "refusal_rate": {
