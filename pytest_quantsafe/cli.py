@@ -22,6 +22,7 @@ COMMANDS: tuple[str, ...] = (
     "scoring",   # score-csv, calibrate, screen-manifest, manifest, card
     "policy",    # policy check, policy diff
     "screen",    # screen, demo
+    "attest",    # attest, verify, keygen
 )
 
 
