@@ -6,7 +6,14 @@ against a pinned digest and refused otherwise. Files live under
 ``$QUANTSAFE_CACHE/models`` (default ``~/.cache/quantsafe/models``), outside any
 clone, so a fresh clone on the same machine reuses them.
 
+Quantization ladders are built from the packaged files once per machine
+(``build_variant``): "F16" dequantizes the packaged GGUF with the ``gguf`` package,
+the other rungs are ``llama_model_quantize`` from that F16, each cached under
+``models/variants/<key>/`` where the key covers the source sha256, the rung and the
+library versions that built it.
+
 Usage: ``python -m pytest_quantsafe.zoo fetch [--profile demo|test]``,
+``python -m pytest_quantsafe.zoo build [--profile demo|test] [--source NAME --quant Q]``,
 ``python -m pytest_quantsafe.zoo path NAME``.
 """
 
@@ -67,6 +74,21 @@ PROFILES: dict[str, tuple[str, ...]] = {
     "demo": ("qwen2.5-coder-0.5b-q4_k_m",),
     "test": ("smollm2-135m-q4_1", "qwen2.5-coder-0.5b-q4_k_m"),
 }
+
+#: Short names accepted by ``build_variant`` for the packaged sources.
+SOURCE_ALIASES: dict[str, str] = {"qwen": "qwen2.5-coder-0.5b-q4_k_m", "smollm2": "smollm2-135m-q4_1"}
+
+#: Ladder rungs and their llama.cpp file types (``llama_ftype``).
+QUANT_FTYPES: dict[str, int] = {"F16": 1, "Q8_0": 7, "Q4_K_M": 15, "Q3_K_S": 11, "Q2_K": 10}
+
+#: Which ladder rungs each setup profile builds: (source, quant).
+VARIANT_PROFILES: dict[str, tuple[tuple[str, str], ...]] = {
+    "demo": (("qwen", "F16"), ("qwen", "Q8_0"), ("qwen", "Q2_K")),
+    "test": (("qwen", "F16"), ("qwen", "Q8_0"), ("qwen", "Q2_K"), ("smollm2", "F16"), ("smollm2", "Q2_K")),
+}
+
+#: Bump when the way a rung is built changes, so old cached files are not reused.
+_RECIPE = "variant.v1"
 
 
 def cache_dir() -> Path:
@@ -147,12 +169,139 @@ def fetch(name: str) -> Path:
     return target
 
 
+# ----------------------------------------------------------------------------- ladders
+
+
+def _library_version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError as exc:
+        raise ModelLoadError(f"{dist} is not installed, so model variants cannot be built",
+                             fix="install the GGUF extra: pip install 'pytest-quantsafe[gguf]'") from exc
+
+
+def variant_key(source: str, quant: str) -> str:
+    """Return the cache key of a ladder rung: source sha256, rung, recipe and library versions."""
+    spec = MODELS[SOURCE_ALIASES.get(source, source)]
+    parts = [spec.sha256, "F16", _RECIPE, f"gguf={_library_version('gguf')}"]
+    if quant != "F16":
+        parts += [quant, f"llama-cpp-python={_library_version('llama-cpp-python')}"]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def variant_path(source: str, quant: str) -> Path:
+    """Return where the rung ``quant`` of packaged model ``source`` is (or will be) cached."""
+    name = SOURCE_ALIASES.get(source, source)
+    if name not in MODELS:
+        raise ModelLoadError(f"unknown packaged model {source!r}",
+                             fix=f"choose one of {sorted(MODELS) + sorted(SOURCE_ALIASES)}")
+    if quant not in QUANT_FTYPES:
+        raise ModelLoadError(f"unknown ladder rung {quant!r}", where=f"{source}:{quant}",
+                             fix=f"choose one of {', '.join(QUANT_FTYPES)}")
+    stem = MODELS[name].filename.rsplit(".", 2)[0]
+    return models_dir() / "variants" / variant_key(name, quant) / f"{stem}.{quant}.gguf"
+
+
+def dequantize_to_f16(source: Path, target: Path) -> Path:
+    """Return ``target`` after writing ``source`` with every non-F32 tensor dequantized to F16.
+
+    All metadata is copied except ``general.file_type`` (set to MOSTLY_F16); F32 tensors
+    (norms, biases) stay F32, as llama.cpp's own converter leaves them. The file is
+    written next to ``target`` and renamed into place.
+    """
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(source), "r")
+    arch = str(reader.fields["general.architecture"].contents())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, suffix=".part")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        skip = {"general.architecture", "general.file_type", "general.alignment"}
+        for key, fld in reader.fields.items():
+            if key.startswith("GGUF.") or key in skip:
+                continue
+            vtype = fld.types[0]
+            sub = fld.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, fld.contents(), vtype, sub_type=sub)
+        writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
+        plan = []
+        for t in reader.tensors:
+            keep = t.tensor_type == gguf.GGMLQuantizationType.F32
+            dtype = np.float32 if keep else np.float16
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            writer.add_tensor_info(t.name, shape, np.dtype(dtype), nbytes)
+            plan.append((t, dtype, shape))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t, dtype, shape in plan:
+            values = gguf.quants.dequantize(t.data, t.tensor_type)
+            writer.write_tensor_data(np.ascontiguousarray(values.reshape(shape).astype(dtype)))
+        writer.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _quantize(f16: Path, target: Path, quant: str) -> Path:
+    """Return ``target`` after llama.cpp quantized ``f16`` to ``quant`` (in a child process)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, suffix=".part")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest_quantsafe.backends._llamacpp_worker", "quantize",
+             str(f16), str(tmp), str(QUANT_FTYPES[quant]), "0"],
+            capture_output=True, text=True,
+        )
+        if proc.returncode != 0 or tmp.stat().st_size == 0:
+            raise ModelLoadError(f"llama.cpp could not quantize {f16.name} to {quant} "
+                                 f"(exit {proc.returncode})", where=str(f16),
+                                 fix=f"check the F16 file and the llama-cpp-python install; it said: "
+                                 f"{proc.stderr.strip()[-400:]}")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def build_variant(source: str, quant: str) -> Path:
+    """Return the path of rung ``quant`` of packaged model ``source``, building and caching it once.
+
+    ``source`` is a packaged model name (or "qwen" / "smollm2"); ``quant`` one of
+    ``QUANT_FTYPES``. "F16" is dequantized from the packaged GGUF; the other rungs are
+    quantized by llama.cpp from that F16. Rebuilt only when the key changes.
+    """
+    target = variant_path(source, quant)
+    if target.is_file() and target.stat().st_size > 0:
+        return target
+    name = SOURCE_ALIASES.get(source, source)
+    if quant == "F16":
+        return dequantize_to_f16(fetch(name), target)
+    return _quantize(build_variant(name, "F16"), target, quant)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``fetch`` a profile's models or print one model's ``path``."""
+    """Command line: ``fetch`` or ``build`` a profile's models, or print one model's ``path``."""
     parser = argparse.ArgumentParser(prog="python -m pytest_quantsafe.zoo")
     sub = parser.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch")
     f.add_argument("--profile", default="test", choices=sorted(PROFILES))
+    b = sub.add_parser("build", help="build (or reuse) the quantization ladder of a profile, or one rung")
+    b.add_argument("--profile", default="test", choices=sorted(VARIANT_PROFILES))
+    b.add_argument("--source", help="one packaged model (name or qwen/smollm2) instead of the profile")
+    b.add_argument("--quant", choices=sorted(QUANT_FTYPES), help="the rung to build with --source")
     p = sub.add_parser("path")
     p.add_argument("name", choices=sorted(MODELS))
     args = parser.parse_args(argv)
@@ -160,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "fetch":
             for name in PROFILES[args.profile]:
                 print(f"{name}: {fetch(name)}", file=sys.stderr)
+        elif args.cmd == "build":
+            if bool(args.source) != bool(args.quant):
+                parser.error("--source and --quant go together")
+            rungs = ((args.source, args.quant),) if args.source else VARIANT_PROFILES[args.profile]
+            for source, quant in rungs:
+                print(f"{source} {quant}: {build_variant(source, quant)}", file=sys.stderr)
         else:
             print(fetch(args.name))
     except QuantSafeError as exc:

