@@ -206,6 +206,7 @@ class QuantSafety:
 
     def screen(self, candidate: str | None = None) -> ScreeningResult:
         """Return the (session-cached) screening result of the test's candidate, or of ``candidate``."""
+        __tracebackhide__ = True
         subject = self._subject
         if candidate is not None:
             kind: Literal["model", "manifest"] = "manifest" if candidate.endswith(".json") else "model"
