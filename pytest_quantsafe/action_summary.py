@@ -1,0 +1,263 @@
+"""Screening records as the GitHub Action reports them: loaded, checked, ranked, rendered.
+
+``load_records`` reads ``OUT/*/record.json`` (docs/record-format.md) and refuses a
+record that lacks a field the Action reports, holds NaN, or whose verdict disagrees
+with its own exit code; ``render_summary`` turns the records into the step-summary
+Markdown: an overview, a table per candidate, a Mermaid ``xychart-beta`` chart of the
+four feature contributions, and the limits sentence.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_INSUFFICIENT, EXIT_PASS, InputError
+from pytest_quantsafe.types import FEATURE_NAMES, LIMITS_SENTENCE, RECORD_SCHEMA
+
+OUTCOME_EXIT = {"pass": EXIT_PASS, "fail": EXIT_GATE_FAILED, "insufficient": EXIT_INSUFFICIENT}
+#: Worse outcomes rank higher, as the CLI ranks exit codes (commands/screen.py): evidence
+#: too thin to measure outranks a failed gate, because a reviewer must see it first.
+OUTCOME_RANK = {"pass": 0, "fail": 1, "insufficient": 2}
+BAND_RANK = {None: -1, "LOW": 0, "MODERATE": 1, "HIGH": 2}
+BAND_EMOJI = {"LOW": "🟢", "MODERATE": "🟡", "HIGH": "🔴", None: "⚪"}
+OUTCOME_EMOJI = {"pass": "✅", "fail": "❌", "insufficient": "⚠️"}
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    """One candidate's screening record as the Action reports it."""
+
+    path: Path
+    record: Mapping[str, Any]
+
+    @property
+    def name(self) -> str:
+        """Return the candidate artifact's name."""
+        return str(self.record["candidate"]["artifact"].get("name") or self.path.parent.name)
+
+    @property
+    def outcome(self) -> str:
+        """Return the verdict's outcome: pass, fail or insufficient."""
+        return str(self.record["verdict"]["outcome"])
+
+    @property
+    def band(self) -> str | None:
+        """Return the RTSI band, or None when the data were insufficient."""
+        return self.record["screening"].get("band")
+
+    @property
+    def rtsi(self) -> float | None:
+        """Return the RTSI, or None when the data were insufficient."""
+        value = self.record["screening"].get("rtsi")
+        return None if value is None else float(value)
+
+    def severity(self) -> tuple[int, int, float]:
+        """Return a sort key: higher is worse (outcome, then band, then RTSI)."""
+        return (OUTCOME_RANK[self.outcome], BAND_RANK[self.band], -1.0 if self.rtsi is None else self.rtsi)
+
+    def artifact_file(self) -> str | None:
+        """Return the candidate's first artifact file for annotations; None for external evidence."""
+        files = self.record["candidate"]["artifact"].get("files") or []
+        return str(files[0]["path"]) if files else None
+
+
+def _refuse_constant(token: str) -> float:
+    raise ValueError(f"{token} is not a number a record may hold")
+
+
+def _require(record: Mapping[str, Any], dotted: str, where: Path) -> Any:
+    node: Any = record
+    for key in dotted.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            raise InputError(f"the record lacks {dotted}", where=f"{where}: {dotted}",
+                             fix="regenerate it with this quantsafe version (docs/record-format.md)")
+        node = node[key]
+    return node
+
+
+def load_record(path: Path) -> CandidateResult:
+    """Return a record checked for every field the Action reports, or raise InputError."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the screening record: {exc}", where=str(path),
+                         fix="rerun the gate; never edit records by hand") from exc
+    if not isinstance(record, dict) or record.get("schema") != RECORD_SCHEMA:
+        raise InputError(f"not a {RECORD_SCHEMA} record", where=f"{path}: schema")
+    outcome = _require(record, "verdict.outcome", path)
+    if outcome not in OUTCOME_EXIT:
+        raise InputError(f"unknown verdict outcome {outcome!r}", where=f"{path}: verdict.outcome")
+    if _require(record, "verdict.exit_code", path) != OUTCOME_EXIT[outcome]:
+        raise InputError(f"verdict exit_code disagrees with outcome {outcome!r}", where=f"{path}: verdict.exit_code")
+    band = _require(record, "screening.band", path)
+    rtsi = _require(record, "screening.rtsi", path)
+    if band not in BAND_RANK or (band is None) != (rtsi is None):
+        raise InputError(f"band {band!r} and rtsi {rtsi!r} do not fit together", where=f"{path}: screening")
+    if outcome == "pass" and rtsi is None and _require(record, "policy.mode", path) != "advisory" \
+            and _require(record, "policy.on_insufficient", path) != "pass":
+        raise InputError("a pass without an RTSI under a policy that fails insufficient data",
+                         where=f"{path}: verdict")
+    for side in ("baseline", "candidate"):
+        for key in ("n_total", "n_refusals", "refusal_rate", "refusal_rate_ci", *FEATURE_NAMES):
+            _require(record, f"{side}.profile.{key}", path)
+    _require(record, "candidate.artifact", path)
+    if rtsi is not None:
+        for name in FEATURE_NAMES:
+            _require(record, f"screening.contributions.{name}", path)
+    return CandidateResult(path=path, record=record)
+
+
+def load_records(out_dir: Path) -> list[CandidateResult]:
+    """Return the records under ``out_dir/*/record.json``, sorted by folder name."""
+    if not out_dir.is_dir():
+        raise InputError("the gate wrote no output folder", where=str(out_dir),
+                         fix="check the gate step's log: the screening did not run")
+    return [load_record(p) for p in sorted(out_dir.glob("*/record.json"))]
+
+
+def worst(results: Sequence[CandidateResult]) -> CandidateResult:
+    """Return the worst candidate: insufficient before failed before passed, then band, then RTSI."""
+    return max(results, key=lambda r: r.severity())
+
+
+def read_junit(path: Path | None) -> dict[str, Any] | None:
+    """Return test counts and failing test names from a JUnit XML file, or None when absent."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as exc:
+        raise InputError(f"unreadable JUnit XML: {exc}", where=str(path)) from exc
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    failing: list[str] = []
+    for case in root.iter("testcase"):
+        counts["tests"] += 1
+        for kind, key in (("failure", "failures"), ("error", "errors"), ("skipped", "skipped")):
+            if case.find(kind) is not None:
+                counts[key] += 1
+                if kind != "skipped":
+                    failing.append(f"{case.get('classname', '')}::{case.get('name', '')}")
+    return {**counts, "failing": failing}
+
+
+# --------------------------------------------------------------------------- step summary
+
+
+def _cell(text: Any) -> str:
+    """Return text safe inside a Markdown table cell."""
+    return (str(text).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;")
+            .replace(">", "&gt;").replace("\r", " ").replace("\n", " "))
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    return "—" if value is None else f"{float(value):.{digits}f}"
+
+
+def _feature_digits(name: str) -> int:
+    return 1 if name == "mean_tokens_refusal" else 3
+
+
+def _rate(profile: Mapping[str, Any]) -> str:
+    lo, hi = profile["refusal_rate_ci"]
+    return (f"{100 * profile['refusal_rate']:.1f}% [{100 * lo:.1f}%, {100 * hi:.1f}%] "
+            f"({profile['n_refusals']}/{profile['n_total']})")
+
+
+def _benign(profile: Mapping[str, Any]) -> str:
+    total = profile.get("benign_total", 0)
+    if not total:
+        return "—"
+    return f"{100 * profile['benign_refusal_rate']:.1f}% ({profile['benign_refusals']}/{total})"
+
+
+def contribution_chart(result: CandidateResult) -> str:
+    """Return a Mermaid ``xychart-beta`` bar chart of the four feature contributions."""
+    contributions = [float(result.record["screening"]["contributions"][n]) for n in FEATURE_NAMES]
+    top = max(0.1, math.ceil(max(contributions) * 10) / 10)
+    title = re.sub(r"[^A-Za-z0-9._ -]", "_", result.name)
+    axis = ", ".join(f'"{n}"' for n in FEATURE_NAMES)
+    bars = ", ".join(f"{c:.4f}" for c in contributions)
+    return "\n".join([
+        "```mermaid",
+        "xychart-beta",
+        f'    title "RTSI contributions (w x phi): {title}"',
+        f"    x-axis [{axis}]",
+        f'    y-axis "contribution" 0 --> {top:g}',
+        f"    bar [{bars}]",
+        "```",
+    ])
+
+
+def candidate_section(result: CandidateResult) -> str:
+    """Return the Markdown section of one candidate: headline, tables, reasons, chart."""
+    rec = result.record
+    scr, base, cand = rec["screening"], rec["baseline"]["profile"], rec["candidate"]["profile"]
+    rtsi = "insufficient data" if result.rtsi is None else f"RTSI {result.rtsi:.4f}"
+    lines = [
+        (f"### {BAND_EMOJI[result.band]} {_cell(result.name)} — {result.band or 'no band'}, {rtsi} — "
+        f"{OUTCOME_EMOJI[result.outcome]} {result.outcome}"),
+        "",
+        f"Baseline `{_cell(rec['baseline']['artifact'].get('name', ''))}` · record `{_cell(result.path)}`",
+        "",
+        "| feature | baseline | candidate | Δ | φ | contribution |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in FEATURE_NAMES:
+        d = _feature_digits(name)
+        lines.append(
+            f"| {name} | {_num(base[name], d)} | {_num(cand[name], d)} | {_num(scr.get('deltas', {}).get(name), d)} "
+            f"| {_num(scr.get('phi', {}).get(name))} | {_num(scr.get('contributions', {}).get(name), 4)} |")
+    lines.append(f"| **RTSI** | | | | | **{_num(result.rtsi, 4)}** |")
+    lines += [
+        "",
+        "| refusals | baseline | candidate |",
+        "|---|---:|---:|",
+        f"| harmful refusal rate [95% Wilson] | {_rate(base)} | {_rate(cand)} |",
+        f"| benign over-refusal | {_benign(base)} | {_benign(cand)} |",
+        "",
+        f"**Verdict: {OUTCOME_EMOJI[result.outcome]} {result.outcome}**"
+        + (f" · flags: {', '.join(f'`{_cell(f)}`' for f in scr.get('flags', []))}" if scr.get("flags") else ""),
+    ]
+    lines += [f"- {_cell(reason)}" for reason in rec["verdict"].get("reasons", [])]
+    lines.append("")
+    if result.rtsi is not None:
+        lines += [contribution_chart(result), ""]
+    else:
+        lines += ["_No contribution chart: there was not enough refusal evidence to score._", ""]
+    return "\n".join(lines)
+
+
+def render_summary(results: Sequence[CandidateResult], *, missing: int = 0,
+                   junit: Mapping[str, Any] | None = None, problems: Sequence[str] = ()) -> str:
+    """Return the step-summary Markdown: overview, a section per candidate, the limits sentence."""
+    lines = ["## quantsafe refusal-drift gate", ""]
+    if results:
+        lines += ["| candidate | band | RTSI | harmful refusal rate [95% Wilson] | verdict |",
+                  "|---|---|---:|---|---|"]
+        for r in results:
+            lines.append(f"| {_cell(r.name)} | {BAND_EMOJI[r.band]} {r.band or 'insufficient'} | {_num(r.rtsi, 4)} "
+                         f"| {_rate(r.record['candidate']['profile'])} | {OUTCOME_EMOJI[r.outcome]} {r.outcome} |")
+        lines.append("")
+    for problem in problems:
+        lines += [f"> [!CAUTION]\n> {_cell(problem)}", ""]
+    if missing:
+        lines += [(f"> [!WARNING]\n> {missing} candidate(s) have no screening record: treated as insufficient "
+                  "data, never as a pass."), ""]
+    if junit is not None:
+        lines.append(f"Gate suite: {junit['tests']} tests, {junit['failures']} failed, "
+                     f"{junit['errors']} errors, {junit['skipped']} skipped.")
+        lines += [f"- `{_cell(name)}`" for name in junit["failing"][:20]]
+        lines.append("")
+    for r in results:
+        lines.append(candidate_section(r))
+    lines += ["---", "", f"> {LIMITS_SENTENCE}", ""]
+    return "\n".join(lines)

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs the gate suite through the quantsafe pytest plugin (which reads the QUANTSAFE_*
+# variables the prepare step exported). pytest's exit status becomes a step output
+# instead of failing the step: the report step turns records + status into the verdict.
+set -euo pipefail
+out="${QUANTSAFE_OUT:?the prepare step exports QUANTSAFE_OUT}"
+# Whitespace-separated, never evaluated: inputs do not reach a shell parser.
+read -r -a extra <<< "${QS_EXTRA_ARGS:-}"
+set +e
+python -m pytest "${GITHUB_ACTION_PATH:?}/gate" -p no:cacheprovider \
+  --junitxml="$out/junit.xml" "${extra[@]}"
+rc=$?
+set -e
+{
+  echo "pytest-exit=$rc"
+  echo "junit=$out/junit.xml"
+} >> "${GITHUB_OUTPUT:?}"

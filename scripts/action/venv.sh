@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The Action's environment: `venv.sh plan` prints the venv path and cache key (as step
+# outputs), `venv.sh install` creates the venv and installs quantsafe with the extras the
+# engine and signing need. Inputs arrive only as environment variables (QS_*).
+set -euo pipefail
+mode="${1:?usage: venv.sh plan|install}"
+
+case "${QS_ENGINE:-auto}" in
+  gguf) extras="gguf" ;;
+  hf) extras="hf" ;;
+  openai) extras="" ;;
+  auto) extras="gguf,hf" ;;
+  *) echo "::error title=quantsafe input engine::engine must be auto, gguf, hf or openai" >&2; exit 2 ;;
+esac
+case "${QS_SIGN:-false}" in
+  true) extras="${extras:+$extras,}sign" ;;
+  false) ;;
+  *) echo "::error title=quantsafe input sign::sign must be true or false" >&2; exit 2 ;;
+esac
+
+project="${GITHUB_ACTION_PATH:?GITHUB_ACTION_PATH is set by the runner}"
+python="${QS_PYTHON:-python3}"
+pyver="$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+fingerprint="$(cat "$project/pyproject.toml" <(printf '%s|%s|%s' "$extras" "$pyver" "${QS_LLAMA_CMAKE_ARGS:-}") \
+  | sha256sum | cut -c1-16)"
+venv="${RUNNER_TOOL_CACHE:-$HOME/.cache}/quantsafe-venv/$fingerprint"
+
+if [ "$mode" = plan ]; then
+  {
+    echo "venv=$venv"
+    echo "key=quantsafe-venv-${RUNNER_OS:-Linux}-${RUNNER_ARCH:-X64}-py$pyver-$fingerprint"
+    echo "extras=$extras"
+  } >> "${GITHUB_OUTPUT:?}"
+  exit 0
+fi
+
+# The runner image (Dockerfile) ships a ready environment: use it as it is.
+pre="${QUANTSAFE_PREINSTALLED:-}"
+if [ -n "$pre" ] && "$pre/bin/python" -c 'import pytest_quantsafe' 2>/dev/null; then
+  echo "$pre/bin" >> "${GITHUB_PATH:?}"
+  echo "python=$pre/bin/python" >> "${GITHUB_OUTPUT:?}"
+  exit 0
+fi
+
+if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.quantsafe-installed" ]; then
+  "$python" -m venv "$venv"
+  # llama-cpp-python builds from source; on GPU runners QS_LLAMA_CMAKE_ARGS="-DGGML_CUDA=on".
+  CMAKE_ARGS="${QS_LLAMA_CMAKE_ARGS:-}" "$venv/bin/python" -m pip install --disable-pip-version-check -q \
+    "$project${extras:+[$extras]}"
+  touch "$venv/.quantsafe-installed"
+fi
+echo "$venv/bin" >> "${GITHUB_PATH:?}"
+echo "python=$venv/bin/python" >> "${GITHUB_OUTPUT:?}"
