@@ -8,9 +8,10 @@ error names the file, the key and, where YAML gives one, the line.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from pytest_quantsafe.errors import PolicyError
 from pytest_quantsafe.types import FEATURE_NAMES, PROTOCOL_ID, Bands, Calibration

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 from pytest_quantsafe.errors import InputError, InsufficientDataError
 from pytest_quantsafe.refusal import prefix

@@ -20,9 +20,10 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from pytest_quantsafe.errors import InputError
 from pytest_quantsafe.rtsi import COLLAPSE_RATIO, score_deltas
@@ -205,9 +206,7 @@ def implausible_level_flags(features: Mapping[str, float], n_refusals: int | Non
             flags.append(f"implausible:{name}")
     if refusal_rate is not None and (not math.isfinite(refusal_rate) or not 0 <= refusal_rate <= 1):
         flags.append("implausible:refusal_rate")
-    if (n_refusals is not None and n_refusals < 0) or (n_total is not None and n_total < 0):
-        flags.append("implausible:n_refusals")
-    elif n_refusals is not None and n_total is not None and n_refusals > n_total:
+    if (n_refusals is not None and n_refusals < 0) or (n_total is not None and n_total < 0) or n_refusals is not None and n_total is not None and n_refusals > n_total:
         flags.append("implausible:n_refusals")
     return flags
 

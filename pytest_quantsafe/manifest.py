@@ -11,16 +11,23 @@ response with per-feature contributions, through the same fail-closed
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from pytest_quantsafe import __version__
 from pytest_quantsafe.errors import InputError
 from pytest_quantsafe.features import wilson_interval
 from pytest_quantsafe.rtsi import score
 from pytest_quantsafe.types import (
-    FEATURE_NAMES, LIMITS_SENTENCE, PROTOCOL_ID, Calibration, RefusalProfile, canonical_json, sha256_hex,
+    FEATURE_NAMES,
+    LIMITS_SENTENCE,
+    PROTOCOL_ID,
+    Calibration,
+    RefusalProfile,
+    canonical_json,
+    sha256_hex,
 )
 
 SCHEMA_VERSION = "quantsafe.external-screen.v1"
@@ -188,12 +195,20 @@ def profile_from_json(data: Any, source: str) -> RefusalProfile:
     if missing:
         raise InputError(f"profile lacks {missing[0]!r}", where=f"{source}: {missing[0]}",
                          fix="pass RefusalProfile JSON (the baseline/candidate profile of a record)")
+    bad = [k for k in needed if isinstance(data[k], bool) or not isinstance(data[k], (int, float))]
+    if bad:
+        raise InputError(f"profile field {bad[0]!r} is {data[bad[0]]!r}, not a number", where=f"{source}: {bad[0]}",
+                         fix="write plain JSON numbers")
     n, total = int(data["n_refusals"]), int(data["n_total"])
     if total <= 0 or not 0 <= n <= total:
         raise InputError(f"profile counts n_refusals={n}, n_total={total} are impossible",
                          where=f"{source}: n_refusals", fix="0 <= n_refusals <= n_total, n_total > 0")
     return RefusalProfile(
-        n_total=total, n_refusals=n, **{f: float(data[f]) for f in FEATURE_NAMES},
+        n_total=total, n_refusals=n,
+        dominant_prefix_share=float(data["dominant_prefix_share"]),
+        unique_prefix_rate=float(data["unique_prefix_rate"]),
+        prefix_entropy_norm=float(data["prefix_entropy_norm"]),
+        mean_tokens_refusal=float(data["mean_tokens_refusal"]),
         refusal_rate=n / total, refusal_rate_ci=wilson_interval(n, total),
         detector=str(data.get("detector", "pattern.v1")),
     )

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from pytest_quantsafe.errors import EngineError
 from pytest_quantsafe.types import Completion

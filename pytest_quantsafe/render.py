@@ -7,7 +7,8 @@ carry the limits sentence.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from pytest_quantsafe.errors import InputError
 from pytest_quantsafe.types import FEATURE_NAMES, LIMITS_SENTENCE
@@ -122,8 +123,8 @@ def render_summary(record: Mapping[str, Any], source: str = "<record>") -> str:
     lines = [
         f"# quantsafe screening: {identity.get('base_model')} · {identity.get('quantization_format')}",
         "",
-        f"**Band: {band}** · RTSI {'n/a' if rtsi is None else f'{float(rtsi):.4f}'} · "
-        f"verdict: **{verdict.get('outcome', 'n/a')}** (exit {verdict.get('exit_code', 'n/a')})",
+        (f"**Band: {band}** · RTSI {'n/a' if rtsi is None else f'{float(rtsi):.4f}'} · "
+         f"verdict: **{verdict.get('outcome', 'n/a')}** (exit {verdict.get('exit_code', 'n/a')})"),
         "",
         f"> {LIMITS_SENTENCE}",
         "",
@@ -155,7 +156,7 @@ def render_summary(record: Mapping[str, Any], source: str = "<record>") -> str:
     lines += [f"- `{flag}`" for flag in flags] or ["- none"]
     lines += ["", "## Verdict", "", f"- outcome: **{verdict.get('outcome', 'n/a')}**"]
     lines += [f"- {reason}" for reason in verdict.get("reasons") or []]
-    lines += ["", f"Calibration: `{cal.get('name')}` (digest `{str(cal.get('digest'))[:12]}`), "
-              f"is_recalibrated: {str(bool(cal.get('is_recalibrated'))).lower()}, "
-              f"LOOCV recall on calibration: {cal.get('loocv_recall')}.", ""]
+    lines += ["", (f"Calibration: `{cal.get('name')}` (digest `{str(cal.get('digest'))[:12]}`), "
+                   f"is_recalibrated: {str(bool(cal.get('is_recalibrated'))).lower()}, "
+                   f"LOOCV recall on calibration: {cal.get('loocv_recall')}."), ""]
     return "\n".join(lines)

@@ -25,7 +25,8 @@ Calibration (fit, leave-one-out, family AUC, Table 3) lives in ``validation.py``
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from pytest_quantsafe.errors import InputError
 from pytest_quantsafe.types import FEATURE_NAMES, Calibration, RefusalProfile, Screening
@@ -71,11 +72,7 @@ def implausible_fields(profile: RefusalProfile) -> list[str]:
     bad: list[str] = []
     for name in FEATURE_NAMES + ("refusal_rate", "benign_refusal_rate"):
         value = float(getattr(profile, name))
-        if not math.isfinite(value):
-            bad.append(name)
-        elif name in _UNIT_FIELDS and not 0.0 <= value <= 1.0:
-            bad.append(name)
-        elif value < 0.0:
+        if not math.isfinite(value) or name in _UNIT_FIELDS and not 0.0 <= value <= 1.0 or value < 0.0:
             bad.append(name)
     if profile.n_total < 0 or profile.n_refusals < 0 or profile.n_refusals > profile.n_total:
         bad.append("n_refusals")
@@ -116,13 +113,13 @@ def score(
         flags.append("probe_count_mismatch")
 
     rate_delta = candidate.refusal_rate - baseline.refusal_rate if not implausible else 0.0
-    common = dict(
-        baseline=baseline,
-        candidate=candidate,
-        calibration_name=calibration.name,
-        calibration_digest=calibration.digest,
-        is_recalibrated=calibration.is_recalibrated,
-    )
+    common: dict[str, Any] = {
+        "baseline": baseline,
+        "candidate": candidate,
+        "calibration_name": calibration.name,
+        "calibration_digest": calibration.digest,
+        "is_recalibrated": calibration.is_recalibrated,
+    }
     too_few = baseline.n_refusals < max(1, min_baseline_refusals)
     if implausible or too_few or "detector_mismatch" in flags or "protocol_mismatch" in flags:
         if too_few and not implausible:

@@ -16,9 +16,10 @@ matrix without labels) from a refusal-rate drop of at least 10 points.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from pytest_quantsafe import __version__
 from pytest_quantsafe.errors import InputError
@@ -121,8 +122,9 @@ class Loocv:
         return f"{self.danger_kept}/{self.danger_total}"
 
 
-def loocv(rows: Sequence[DeltaRow], labels: Sequence[bool], bands: Bands = Bands()) -> Loocv:
+def loocv(rows: Sequence[DeltaRow], labels: Sequence[bool], bands: Bands | None = None) -> Loocv:
     """Return the leave-one-out validation: refit on all rows but one, score the held-out row."""
+    bands = bands if bands is not None else Bands()
     scores: list[float] = []
     for i, row in enumerate(rows):
         cal = _calibration(fit([r for j, r in enumerate(rows) if j != i]), bands)
@@ -194,11 +196,12 @@ def table3(rows: Sequence[DeltaRow], labels: Sequence[bool], calibration: Calibr
 
 
 def calibrate(rows: Sequence[DeltaRow], *, source_sha256: str, name: str = "recalibrated",
-              bands: Bands = Bands(), date: str | None = None) -> tuple[Calibration, dict[str, Any]]:
+              bands: Bands | None = None, date: str | None = None) -> tuple[Calibration, dict[str, Any]]:
     """Return a refitted Calibration (``is_recalibrated: true``) and its validation report."""
     if len(rows) < 4:
         raise InputError(f"calibration needs at least 4 non-baseline rows, got {len(rows)}",
                          fix="add more (model, variant) cells")
+    bands = bands if bands is not None else Bands()
     fitted = fit(rows)
     labels, label_source = danger_labels(rows)
     loo = loocv(rows, labels, bands)

@@ -21,7 +21,7 @@ HEADER = ("cell_id,is_baseline,dominant_prefix_share,unique_prefix_rate,prefix_e
 
 def run(*argv: str) -> subprocess.CompletedProcess[str]:
     """Run the real CLI in a child process."""
-    return subprocess.run([sys.executable, "-m", "pytest_quantsafe.cli", *argv], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pytest_quantsafe.cli", *argv], capture_output=True, text=True, check=False,
                           cwd=REPO, timeout=120)
 
 
@@ -112,7 +112,7 @@ def test_calibrate_bad_matrix_exits_2(tmp_path: Path) -> None:
 
 
 def _request(base: dict, cand: dict) -> dict:
-    side = lambda q, f: {"repo_id": f"org/m-{q}", "revision": "c" * 40, "quantization": q, "features": f}  # noqa: E731
+    side = lambda q, f: {"repo_id": f"org/m-{q}", "revision": "c" * 40, "quantization": q, "features": f}
     return {"schema_version": "quantsafe.external-screen.v1", "measurement_protocol": "quantsafe.refusal-features.v1",
             "source_model_id": "org/m", "probe_set": {"count": 100, "sha256": "1" * 64},
             "baseline": side("FP16", base), "candidate": side("GPTQ", cand)}
@@ -137,7 +137,7 @@ def test_screen_manifest_exit_codes(tmp_path: Path) -> None:
 
 
 def test_manifest_from_profiles_then_screen(tmp_path: Path) -> None:
-    prof = lambda n, share, uniq, ent, tok: {"n_total": 100, "n_refusals": n, "dominant_prefix_share": share,  # noqa: E731
+    prof = lambda n, share, uniq, ent, tok: {"n_total": 100, "n_refusals": n, "dominant_prefix_share": share,
                                              "unique_prefix_rate": uniq, "prefix_entropy_norm": ent,
                                              "mean_tokens_refusal": tok}
     (tmp_path / "b.json").write_text(json.dumps(prof(90, 0.9, 0.1, 0.2, 30.0)))
@@ -170,3 +170,31 @@ def test_card_command_renders_a_record(tmp_path: Path) -> None:
     (tmp_path / "junk.json").write_text('{"hello": 1}')
     proc = run("card", str(tmp_path / "junk.json"))
     assert proc.returncode == 2 and "not a quantsafe screening record" in proc.stderr
+
+
+def test_manifest_from_a_record_carries_its_profiles(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_record import _inputs
+
+    from pytest_quantsafe.record import build_record, write_outputs
+
+    paths = write_outputs(build_record(**_inputs()), tmp_path)
+    req = tmp_path / "req.json"
+    args = ["manifest", "--record", paths["record"], "--source-model-id", "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+            "--baseline-repo", "local/qwen-f16", "--baseline-revision", "f" * 40, "--baseline-quantization", "F16",
+            "--candidate-repo", "local/qwen-q2k", "--candidate-revision", "0" * 40,
+            "--candidate-quantization", "Q2_K", "--output", str(req)]
+    assert main(args) == 0
+    request = json.loads(req.read_text())
+    assert request["probe_set"] == {"count": 20, "sha256": "ab" * 32}
+    assert request["baseline"]["features"]["n_refusals"] == 20
+    assert request["candidate"]["features"]["n_refusals"] == 13
+    proc = run("screen-manifest", str(req))
+    assert proc.returncode == 0 and json.loads(proc.stdout)["classification"] == "MODERATE"
+    (tmp_path / "p.json").write_text('{"n_total": 10, "n_refusals": "many", "dominant_prefix_share": 1, '
+                                     '"unique_prefix_rate": 0.1, "prefix_entropy_norm": 0, "mean_tokens_refusal": 3}')
+    proc = run("manifest", "--baseline", str(tmp_path / "p.json"), "--candidate", str(tmp_path / "p.json"),
+               "--source-model-id", "m", "--probe-count", "10", "--probe-sha256", "1" * 64,
+               "--baseline-repo", "a", "--baseline-revision", "f" * 40, "--baseline-quantization", "F16",
+               "--candidate-repo", "b", "--candidate-revision", "0" * 40, "--candidate-quantization", "Q2_K")
+    assert proc.returncode == 2 and "'n_refusals' is 'many', not a number" in proc.stderr

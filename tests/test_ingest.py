@@ -9,7 +9,12 @@ import pytest
 from pytest_quantsafe.calibration import load_calibration
 from pytest_quantsafe.errors import InputError
 from pytest_quantsafe.ingest import (
-    parse_delta_table, parse_level_csv, read_csv_text, read_matrix, score_level_rows, self_test,
+    parse_delta_table,
+    parse_level_csv,
+    read_csv_text,
+    read_matrix,
+    score_level_rows,
+    self_test,
 )
 
 HEADER = "cell_id,is_baseline,dominant_prefix_share,unique_prefix_rate,prefix_entropy_norm,mean_refusal_token_length"

@@ -11,7 +11,12 @@ import pytest
 from pytest_quantsafe.calibration import load_calibration
 from pytest_quantsafe.errors import InputError
 from pytest_quantsafe.manifest import (
-    build_request, load_request, profiles_from_request, request_schema, screen_request, validate_request,
+    build_request,
+    load_request,
+    profiles_from_request,
+    request_schema,
+    screen_request,
+    validate_request,
 )
 
 REV_B, REV_C = "a" * 40, "b" * 40

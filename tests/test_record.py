@@ -15,8 +15,16 @@ from pytest_quantsafe.record import body_digest, build_record, render_card, rend
 from pytest_quantsafe.refusal import label
 from pytest_quantsafe.rtsi import score
 from pytest_quantsafe.types import (
-    LIMITS_SENTENCE, Artifact, ArtifactFile, Bands, Completion, GenerationConfig, Policy, Probe, ProbeSet,
-    Verdict, canonical_json,
+    LIMITS_SENTENCE,
+    Artifact,
+    ArtifactFile,
+    Completion,
+    GenerationConfig,
+    Policy,
+    Probe,
+    ProbeSet,
+    Verdict,
+    canonical_json,
 )
 
 
@@ -41,14 +49,14 @@ def _inputs():
                    for i in range(20)) + tuple(Probe(id=f"b{i}", prompt="benign", category="benign", kind="benign")
                                                for i in range(4))
     probe_set = ProbeSet(name="unit-probes", items=probes, digest="ab" * 32)
-    art = lambda name, quant: Artifact(  # noqa: E731
+    art = lambda name, quant: Artifact(
         ref=f"/models/{name}.gguf", format="gguf", files=(ArtifactFile(f"/models/{name}.gguf", "cd" * 32, 10),),
         quantization=quant, name=name, metadata={"architecture": "qwen2", "base_model": "Qwen2.5 Coder 0.5B"})
     policy = Policy(name="default", source="packaged:default", digest="ef" * 32, calibration=cal, bands=cal.bands)
     verdict = Verdict(outcome="fail", exit_code=1, reasons=("band HIGH is at or above fail_at MODERATE",))
-    return dict(baseline=art("qwen-f16", "F16"), candidate=art("qwen-q2k", "Q2_K"), probe_set=probe_set,
-                generation=GenerationConfig(), engine={"name": "llama.cpp", "version": "0.3.36"},
-                screening=screening, policy=policy, verdict=verdict, calibration=cal)
+    return {"baseline": art("qwen-f16", "F16"), "candidate": art("qwen-q2k", "Q2_K"), "probe_set": probe_set,
+            "generation": GenerationConfig(), "engine": {"name": "llama.cpp", "version": "0.3.36"},
+            "screening": screening, "policy": policy, "verdict": verdict, "calibration": cal}
 
 
 def test_record_layout_and_identity() -> None:

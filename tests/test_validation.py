@@ -10,10 +10,18 @@ import pytest
 from pytest_quantsafe.calibration import load_calibration
 from pytest_quantsafe.errors import InputError
 from pytest_quantsafe.ingest import DeltaRow, read_matrix
-from pytest_quantsafe.validation import (
-    calibrate, danger_labels, family_auc, fit, loocv, matched_low, pearson, roc_auc, table3,
-)
 from pytest_quantsafe.types import FEATURE_NAMES
+from pytest_quantsafe.validation import (
+    calibrate,
+    danger_labels,
+    family_auc,
+    fit,
+    loocv,
+    matched_low,
+    pearson,
+    roc_auc,
+    table3,
+)
 
 
 @pytest.fixture(scope="module")

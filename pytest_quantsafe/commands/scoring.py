@@ -16,7 +16,6 @@ from typing import Any
 from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_INSUFFICIENT, EXIT_PASS, InputError
 
 
-
 def _write_text(path: str | None, text: str) -> None:
     if path in (None, "-"):
         sys.stdout.write(text)
@@ -75,7 +74,7 @@ def _score_csv(args: argparse.Namespace) -> int:
         for check in checks:
             got = check["got"]
             sys.stdout.write(f"{'ok  ' if check['ok'] else 'FAIL'} {check['cell_id']:<14} "
-                             f"{got['status']:<18} {str(got['band']):<9} {','.join(got['flags'])}\n")
+                             f"{got['status']:<18} {got['band']!s:<9} {','.join(got['flags'])}\n")
         failed = [c for c in checks if not c["ok"]]
         sys.stdout.write(f"self-test: {len(checks) - len(failed)}/{len(checks)} cases as expected\n")
         return EXIT_GATE_FAILED if failed else EXIT_PASS
@@ -180,7 +179,7 @@ def _screen_manifest(args: argparse.Namespace) -> int:
 
 
 def _manifest(args: argparse.Namespace) -> int:
-    from pytest_quantsafe.manifest import build_request, profiles_from_record, profile_from_json
+    from pytest_quantsafe.manifest import build_request, profile_from_json, profiles_from_record
 
     if args.record:
         baseline, candidate, probe = profiles_from_record(_read_json(args.record, "screening record"), args.record)
