@@ -21,6 +21,7 @@ functions that need them.
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import json
 import math
@@ -159,10 +160,10 @@ def build_statement(record: Mapping[str, Any], subjects: Sequence[Mapping[str, A
     """Return the in-toto Statement v1 for a record (subjects default to the candidate's files)."""
     if not isinstance(record, Mapping):
         raise InputError("the record is not a JSON object", fix="sign record.json as quantsafe wrote it")
-    chosen = [dict(s) for s in subjects] if subjects is not None else subjects_from_record(record)
+    chosen = copy.deepcopy([dict(s) for s in subjects]) if subjects is not None else subjects_from_record(record)
     if not chosen:
         raise InputError("a statement needs at least one subject", fix="give the candidate artifact files")
-    predicate = dict(record)
+    predicate = copy.deepcopy(dict(record))  # the statement never aliases the caller's record
     predicate["thresholds"] = thresholds(record)
     return {"_type": STATEMENT_TYPE, "subject": chosen, "predicateType": PREDICATE_TYPE, "predicate": predicate}
 
