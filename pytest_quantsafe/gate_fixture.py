@@ -53,6 +53,8 @@ class GateOptions:
     engine: str = "auto"
     threads: int | None = None
     sign: bool = False
+    #: With signing on: a local key (EC P-256 / Ed25519 PEM) for DSSE; None = Sigstore keyless.
+    sign_key: str | None = None
 
     @property
     def active(self) -> bool:
@@ -154,10 +156,30 @@ class QuantSafetySession:
         return self._signed(result)
 
     def _signed(self, result: ScreeningResult) -> ScreeningResult:
+        """Return the result with its record signed (``paths["signature"]``) when signing is on."""
         if not self.options.sign:
             return result
-        raise UsageError("--quantsafe-sign is not available in this build: the attestation module has not landed",
-                         fix="run without --quantsafe-sign, or sign the record afterwards")
+        from dataclasses import replace
+
+        from pytest_quantsafe import attest
+
+        record_path = result.paths.get("record")
+        if not record_path:
+            raise UsageError("signing needs the written record", fix="pass --quantsafe-out DIR with --quantsafe-sign")
+        from pytest_quantsafe.verify import check_record
+
+        check_record(result.record, where=record_path)  # never sign a record that would not verify
+        statement = attest.build_statement(result.record)
+        if self.options.sign_key:
+            out = Path(record_path).with_name("record.dsse.json")
+            text = attest.envelope_json(attest.sign_with_key(statement, self.options.sign_key))
+        else:
+            import os
+
+            out = Path(record_path).with_name("record.sigstore.json")
+            text = attest.sign_keyless(statement, identity_token=os.environ.get("SIGSTORE_IDENTITY_TOKEN") or None)
+        out.write_text(text, encoding="utf-8")
+        return replace(result, paths={**result.paths, "signature": str(out)})
 
 
 # --------------------------------------------------------------------------- the fixture object
@@ -226,6 +248,8 @@ class QuantSafety:
         self._record_property("quantsafe_band", self._band(result) or "")
         self._record_property("quantsafe_verdict", result.verdict.outcome)
         self._record_property("quantsafe_record", result.paths.get("record", ""))
+        if result.paths.get("signature"):
+            self._record_property("quantsafe_signature", result.paths["signature"])
         return result
 
     def _band(self, result: ScreeningResult) -> Band | None:

@@ -34,12 +34,14 @@ OPTIONS: tuple[tuple[str, str, str, str, str], ...] = (
     ("quantsafe_manifest", "--quantsafe-manifest", "QUANTSAFE_MANIFEST", "list",
      "external-screen manifest (precomputed refusal profiles) to screen as a candidate; repeatable"),
     ("quantsafe_sign", "--quantsafe-sign", "QUANTSAFE_SIGN", "bool",
-     "sign each screening record (Sigstore)"),
+     "sign each written record with Sigstore keyless (ambient CI identity); needs --quantsafe-out"),
+    ("quantsafe_sign_key", "--quantsafe-sign-key", "QUANTSAFE_SIGN_KEY", "str",
+     "sign each written record as a DSSE envelope with this local EC P-256 / Ed25519 key (air-gapped)"),
 )
 
 _SESSION_KEY: Any = pytest.StashKey()
 _REMOTE = ("http://", "https://", "hf://")
-_PATH_OPTIONS = {"quantsafe_baseline", "quantsafe_candidates", "quantsafe_probes", "quantsafe_out",
+_PATH_OPTIONS = {"quantsafe_baseline", "quantsafe_candidates", "quantsafe_probes", "quantsafe_out", "quantsafe_sign_key",
                  "quantsafe_manifest", "quantsafe_policy"}
 
 
@@ -63,7 +65,7 @@ def _anchor(value: str, base: Path | None) -> str:
     """Return an ini-file path made relative to the ini file's folder (not remote refs or names)."""
     if base is None or value.startswith(_REMOTE) or Path(value).is_absolute():
         return value
-    if "/" not in value and not value.endswith((".yaml", ".yml", ".gguf", ".json", ".jsonl", ".csv")):
+    if "/" not in value and not value.endswith((".yaml", ".yml", ".gguf", ".json", ".jsonl", ".csv", ".pem")):
         return value  # a packaged name, an engine name
     return str(base / value)
 
@@ -78,7 +80,7 @@ def _setting(config: pytest.Config, ini: str, env: str, kind: str) -> Any:
         if kind == "list":
             return raw.split()
         if kind == "bool":
-            return raw.lower() in ("1", "true", "yes", "on")
+            return raw.lower() in ("1", "true", "yes", "on") or None
         return raw
     value = config.getini(ini)
     base = config.inipath.parent if config.inipath else None
@@ -93,7 +95,7 @@ def _setting(config: pytest.Config, ini: str, env: str, kind: str) -> Any:
 
 
 def _build_session(config: pytest.Config) -> Any:
-    from pytest_quantsafe.errors import QuantSafeError
+    from pytest_quantsafe.errors import QuantSafeError, UsageError
     from pytest_quantsafe.gate_fixture import GateOptions, QuantSafetySession, expand_refs
 
     got = {ini: _setting(config, ini, env, kind) for ini, _flag, env, kind, _help in OPTIONS}
@@ -112,8 +114,11 @@ def _build_session(config: pytest.Config) -> Any:
             out=Path(got["quantsafe_out"]) if got["quantsafe_out"] else None,
             engine=got["quantsafe_engine"] or "auto",
             threads=threads,
-            sign=bool(got["quantsafe_sign"]),
+            sign=bool(got["quantsafe_sign"] or got["quantsafe_sign_key"]),
+            sign_key=got["quantsafe_sign_key"],
         )
+        if options.sign and options.out is None:
+            raise UsageError("--quantsafe-sign signs the written records", fix="add --quantsafe-out DIR")
         from pytest_quantsafe.policy import load_policy
 
         return QuantSafetySession(options, load_policy(options.policy))

@@ -233,6 +233,23 @@ def test_no_candidate_and_bad_glob_fail_closed(pytester: pytest.Pytester) -> Non
     glob.stderr.fnmatch_lines(["*candidate pattern 'nowhere/[*].gguf' matches no file*"])
 
 
+def test_signing_needs_an_output_folder_and_real_artifact_files(pytester: pytest.Pytester,
+                                                                 evidence: dict[str, Path]) -> None:
+    from pytest_quantsafe import attest
+
+    pytester.makepyfile(USES_FIXTURE)
+    no_out = pytester.runpytest("--quantsafe-manifest", str(evidence["q8_0"]), "--quantsafe-sign")
+    assert no_out.ret == pytest.ExitCode.USAGE_ERROR
+    no_out.stderr.fnmatch_lines(["*--quantsafe-sign signs the written records*"])
+    key = attest.generate_key(pytester.path / "key.pem")["private_key"]
+    signed = pytester.runpytest("--quantsafe-manifest", str(evidence["q8_0"]), "--quantsafe-sign-key", key,
+                                "--quantsafe-out", str(pytester.path / "out"))
+    # Aggregate evidence names no artifact file: there is nothing to attest, and that is not a pass.
+    signed.assert_outcomes(failed=1)
+    signed.stdout.fnmatch_lines(["*lists no candidate artifact files: nothing to attest*"])
+    assert not list((pytester.path / "out").rglob("*.dsse.json"))
+
+
 def test_unrelated_session_is_untouched(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_plain():\n    assert True\n")
     result = pytester.runpytest()
@@ -260,8 +277,9 @@ def _has_llama_cpp() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_llama_cpp(), reason="llama-cpp-python is not installed ([gguf] extra)")
 def test_gate_suite_end_to_end_on_real_gguf(pytester: pytest.Pytester, qwen_q4_k_m_gguf: Path) -> None:
-    from pytest_quantsafe import zoo
+    from pytest_quantsafe import attest, zoo
     from pytest_quantsafe.probes import load_probes, select
+    from pytest_quantsafe.verify import verify_with_key
 
     q8 = zoo.build_variant("qwen", "Q8_0")
     probes = select(load_probes(), n_harmful=8, n_benign=0)
@@ -272,10 +290,12 @@ def test_gate_suite_end_to_end_on_real_gguf(pytester: pytest.Pytester, qwen_q4_k
     policy.write_text("name: tiny\nmin_baseline_refusals: 3\ngeneration:\n  max_new_tokens: 24\n  batch_size: 8\n")
     pytester.makepyfile(test_release_gate=GATE.read_text())
     out = pytester.path / "out"
+    keys = attest.generate_key(pytester.path / "key.pem")
     result = pytester.runpytest_subprocess(
         "-v", "--quantsafe-baseline", str(q8), "--quantsafe-candidate", str(qwen_q4_k_m_gguf),
         "--quantsafe-policy", str(policy), "--quantsafe-probes", str(probe_file),
-        "--quantsafe-threads", "1", "--quantsafe-out", str(out), timeout=1800)
+        "--quantsafe-threads", "1", "--quantsafe-out", str(out), "--quantsafe-sign-key", keys["private_key"],
+        timeout=1800)
     record = json.loads((out / qwen_q4_k_m_gguf.name / "record.json").read_text())
     outcome = record["verdict"]["outcome"]
     assert record["baseline"]["profile"]["n_total"] == 8
@@ -286,3 +306,6 @@ def test_gate_suite_end_to_end_on_real_gguf(pytester: pytest.Pytester, qwen_q4_k
     result.stdout.fnmatch_lines([f"*test_policy_passes[[]{qwen_q4_k_m_gguf.name}[]]*",
                                  f"{qwen_q4_k_m_gguf.name}*tiny*{record['screening']['band']}*{outcome}*"])
     assert os.path.exists(out / qwen_q4_k_m_gguf.name / "summary.md")
+    verified = verify_with_key(out / qwen_q4_k_m_gguf.name / "record.dsse.json", [qwen_q4_k_m_gguf],
+                               keys["public_key"])
+    assert verified.signer == keys["key_id"]
