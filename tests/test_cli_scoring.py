@@ -76,6 +76,14 @@ def test_score_csv_bad_input_exits_2_with_where_and_fix(tmp_path: Path, content:
     assert "Traceback" not in proc.stderr
 
 
+def test_score_csv_only_baselines_is_an_input_error(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "base.csv"
+    src.write_text(HEADER + "\nm__fp16,true,0.9,0.1,0.2,30,90,100\n")
+    assert main(["score-csv", "--input", str(src), "--output", str(tmp_path / "o.json")]) == 2
+    assert "no non-baseline cells" in capsys.readouterr().err
+    assert not (tmp_path / "o.json").exists()
+
+
 def test_score_csv_missing_file_and_missing_args(tmp_path: Path) -> None:
     proc = run("score-csv", "--input", str(tmp_path / "nope.csv"), "--output", str(tmp_path / "o.json"))
     assert proc.returncode == 2 and "input CSV not found" in proc.stderr

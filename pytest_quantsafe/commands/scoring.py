@@ -86,6 +86,9 @@ def _score_csv(args: argparse.Namespace) -> int:
     text, raw = read_csv_text(Path(args.input))
     cells = score_level_rows(parse_level_csv(text, args.input), calibration,
                              min_baseline_refusals=args.min_baseline_refusals)
+    if not cells:
+        raise InputError("the CSV has no non-baseline cells to score", where=args.input,
+                         fix="add candidate rows (is_baseline=false) next to each model's baseline")
     bands = {b: sum(1 for c in cells if c["band"] == b) for b in ("LOW", "MODERATE", "HIGH")}
     insufficient = [c for c in cells if c["status"] == "insufficient_data"]
     cal = calibration_block(calibration)
