@@ -47,7 +47,7 @@ if ! "$VENV/bin/python" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version_
       pip_ wheel -q --no-deps -w "$tmp" "llama-cpp-python==$LLAMA_VERSION"
     mkdir -p "$wheeldir" && mv "$tmp"/*.whl "$wheeldir"/ && rm -rf "$tmp"
   fi
-  pip_ install -q --no-deps "$wheeldir"/*.whl
+  pip_ install -q "$wheeldir"/*.whl
 fi
 
 stamp="$VENV/.quantsafe-$profile-$(cat pyproject.toml | sha256sum | cut -c1-12)"
