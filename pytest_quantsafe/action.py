@@ -101,8 +101,8 @@ def _env(environ: Mapping[str, str], name: str) -> str:
     return environ.get(name, "").strip()
 
 
-def expand_candidates(text: str, root: Path) -> list[str]:
-    """Return the candidate references of a newline list; globs expand (sorted) relative to ``root``."""
+def expand_candidates(text: str, root: Path, what: str = "candidates") -> list[str]:
+    """Return the references of a newline list; globs expand (sorted) relative to ``root``."""
     refs: list[str] = []
     for lineno, raw in enumerate(text.splitlines(), start=1):
         entry = raw.strip()
@@ -114,21 +114,23 @@ def expand_candidates(text: str, root: Path) -> list[str]:
         pattern = entry if os.path.isabs(entry) else str(root / entry)
         matches = sorted(glob.glob(pattern, recursive=True))
         if not matches:
-            raise InputError(f"the candidate pattern {entry!r} matches no file",
-                             where=f"input candidates, line {lineno}",
+            raise InputError(f"the {what} pattern {entry!r} matches no file",
+                             where=f"input {what}, line {lineno}",
                              fix="check the path; globs are relative to the repository checkout")
-        refs.extend(os.path.relpath(m, root) if not os.path.isabs(entry) else m for m in matches)
-    unique = list(dict.fromkeys(refs))
-    if not unique:
-        raise InputError("no candidates given", where="input candidates",
-                         fix="list the quantized artifacts (paths, globs or references), one per line")
-    return unique
+        refs.extend(m if os.path.isabs(entry) else os.path.relpath(m, root) for m in matches)
+    return list(dict.fromkeys(refs))
 
 
 def prepare(environ: Mapping[str, str], root: Path) -> dict[str, str]:
     """Return the ``QUANTSAFE_*`` variables for the plugin, validated from the ``QS_*`` inputs."""
     baseline = _env(environ, "QS_BASELINE")
-    if not baseline:
+    candidates = expand_candidates(environ.get("QS_CANDIDATES", ""), root)
+    manifests = expand_candidates(environ.get("QS_MANIFESTS", ""), root, "manifests")
+    if not candidates and not manifests:
+        raise InputError("no candidates given", where="input candidates",
+                         fix="list the quantized artifacts (paths, globs or references), one per line, "
+                             "or external-screen manifests under `manifests:`")
+    if candidates and not baseline:
         raise InputError("no baseline given", where="input baseline",
                          fix="set `baseline:` to the full-precision model (path or reference)")
     engine = _env(environ, "QS_ENGINE") or "auto"
@@ -137,24 +139,27 @@ def prepare(environ: Mapping[str, str], root: Path) -> dict[str, str]:
     sign = (_env(environ, "QS_SIGN") or "false").lower()
     if sign not in ("true", "false"):
         raise UsageError(f"sign must be true or false, got {sign!r}", where="input sign")
-    candidates = expand_candidates(environ.get("QS_CANDIDATES", ""), root)
     out = _env(environ, "QS_OUT")
     if not out:
         raise UsageError("no output folder given", where="QS_OUT")
     Path(out).mkdir(parents=True, exist_ok=True)
     env = {
-        "QUANTSAFE_BASELINE": baseline,
-        "QUANTSAFE_CANDIDATES": "\n".join(candidates),
         "QUANTSAFE_ENGINE": engine,
         "QUANTSAFE_OUT": out,
         # The Action signs after the report (failed screenings too), in one place: the
         # plugin itself does not sign inside the Action.
         "QUANTSAFE_SIGN": "false",
     }
-    for key, name in (("QUANTSAFE_POLICY", "QS_POLICY"), ("QUANTSAFE_PROBES", "QS_PROBES")):
-        if _env(environ, name):
-            env[key] = _env(environ, name)
+    optional = {"QUANTSAFE_BASELINE": baseline, "QUANTSAFE_CANDIDATES": "\n".join(candidates),
+                "QUANTSAFE_MANIFEST": "\n".join(manifests), "QUANTSAFE_POLICY": _env(environ, "QS_POLICY"),
+                "QUANTSAFE_PROBES": _env(environ, "QS_PROBES")}
+    env.update({key: value for key, value in optional.items() if value})
     return env
+
+
+def subject_count(env: Mapping[str, str]) -> int:
+    """Return how many screenings (candidates plus manifests) the plugin must produce."""
+    return sum(len(env.get(key, "").splitlines()) for key in ("QUANTSAFE_CANDIDATES", "QUANTSAFE_MANIFEST"))
 
 
 # --------------------------------------------------------------------------- report
@@ -278,12 +283,12 @@ def _cmd_prepare(args: argparse.Namespace, out: TextIO) -> int:
     env = prepare(os.environ, Path(os.environ.get("GITHUB_WORKSPACE") or os.getcwd()))
     if os.environ.get("GITHUB_ENV"):
         append_file_command(os.environ["GITHUB_ENV"], env)
+    count = subject_count(env)
     if os.environ.get("GITHUB_OUTPUT"):
-        append_file_command(os.environ["GITHUB_OUTPUT"], {
-            "out": env["QUANTSAFE_OUT"], "candidates": env["QUANTSAFE_CANDIDATES"],
-            "candidate-count": str(len(env["QUANTSAFE_CANDIDATES"].splitlines()))})
-    out.write(f"quantsafe: {len(env['QUANTSAFE_CANDIDATES'].splitlines())} candidate(s) against "
-              f"{env['QUANTSAFE_BASELINE']} (engine {env['QUANTSAFE_ENGINE']})\n")
+        append_file_command(os.environ["GITHUB_OUTPUT"], {"out": env["QUANTSAFE_OUT"],
+                                                          "candidate-count": str(count)})
+    out.write(f"quantsafe: {count} screening(s), baseline {env.get('QUANTSAFE_BASELINE', '(from manifests)')}, "
+              f"engine {env['QUANTSAFE_ENGINE']}\n")
     return EXIT_PASS
 
 

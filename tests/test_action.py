@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from pytest_quantsafe import action
-from pytest_quantsafe.action_summary import load_record
+from pytest_quantsafe.action_summary import BAND_EMOJI, load_record
 from pytest_quantsafe.errors import InputError, UsageError
 from pytest_quantsafe.types import FEATURE_NAMES, LIMITS_SENTENCE, Artifact, RefusalProfile
 
@@ -109,43 +109,72 @@ def thin_baseline_policy() -> str:
 
 
 _EXPR = re.compile(r"\$\{\{\s*([^}]+?)\s*\}\}")
+ACTION = yaml.safe_load((REPO / "action.yml").read_text(encoding="utf-8"))
 
 
-def composite_step(step_id: str) -> dict[str, Any]:
-    """Return the step of action.yml with ``id: step_id``."""
-    meta = yaml.safe_load((REPO / "action.yml").read_text(encoding="utf-8"))
-    return next(s for s in meta["runs"]["steps"] if s.get("id") == step_id)
+class CompositeRun:
+    """Runs the ``run:`` steps of action.yml the way the runner does.
+
+    Each step's ``env:`` expressions are evaluated from the inputs (with action.yml's
+    defaults), earlier steps' outputs and ``runner.temp``; ``GITHUB_OUTPUT`` is a fresh
+    file per step, ``GITHUB_ENV`` and ``GITHUB_STEP_SUMMARY`` accumulate over the job, and
+    the script runs as ``bash --noprofile --norc -eo pipefail FILE`` in the workspace.
+    """
+
+    def __init__(self, workspace: Path, inputs: dict[str, str] | None = None) -> None:
+        self.workspace = workspace
+        self.inputs = {name: str(spec.get("default", "")) for name, spec in ACTION["inputs"].items()}
+        self.inputs.update(inputs or {})
+        self.outputs: dict[str, dict[str, str]] = {}
+        self.files = workspace / "_runner"
+        self.files.mkdir(exist_ok=True)
+        (self.files / "env").write_text("", encoding="utf-8")
+        (self.files / "summary").write_text("", encoding="utf-8")
+
+    def value(self, expression: str) -> str:
+        if expression.startswith("inputs."):
+            return self.inputs[expression.removeprefix("inputs.")]
+        if expression.startswith("steps."):
+            _, step, kind, name = expression.split(".", 3)
+            assert kind == "outputs", expression
+            return self.outputs.get(step, {}).get(name, "")
+        if expression == "runner.temp":
+            return str(self.files)
+        raise AssertionError(f"the test has no value for ${{{{ {expression} }}}}")
+
+    @property
+    def summary(self) -> str:
+        return (self.files / "summary").read_text(encoding="utf-8")
+
+    def run(self, step_id: str) -> subprocess.CompletedProcess:
+        step = next(s for s in ACTION["runs"]["steps"] if s.get("id") == step_id)
+        assert step["shell"] == "bash"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GITHUB_", "QS_", "QUANTSAFE_"))}
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env.update(parse_file_command((self.files / "env").read_text(encoding="utf-8")))
+        for name, value in step.get("env", {}).items():
+            env[name] = _EXPR.sub(lambda m: self.value(m.group(1)), str(value))
+        output = self.files / f"output-{step_id}"
+        output.write_text("", encoding="utf-8")
+        env.update(GITHUB_OUTPUT=str(output), GITHUB_ENV=str(self.files / "env"),
+                   GITHUB_STEP_SUMMARY=str(self.files / "summary"), GITHUB_ACTION_PATH=str(REPO),
+                   GITHUB_WORKSPACE=str(self.workspace), GITHUB_ACTIONS="true", RUNNER_TEMP=str(self.files))
+        script = self.files / f"{step_id}.sh"
+        script.write_text(step["run"], encoding="utf-8")
+        proc = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)], env=env,
+                              cwd=self.workspace, capture_output=True, text=True, timeout=900, check=False)
+        self.outputs[step_id] = parse_file_command(output.read_text(encoding="utf-8"))
+        return proc
 
 
-def run_composite_step(step_id: str, context: dict[str, str], tmp: Path) -> tuple[subprocess.CompletedProcess,
-                                                                                   dict[str, str], str]:
-    """Run one ``run:`` step of action.yml with bash like the runner; return (process, outputs, summary)."""
-    step = composite_step(step_id)
-    assert step["shell"] == "bash"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GITHUB_", "QS_", "QUANTSAFE_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    for name, value in step.get("env", {}).items():
-        def lookup(match: re.Match[str]) -> str:
-            if match.group(1) not in context:
-                raise AssertionError(f"the test has no value for ${{{{ {match.group(1)} }}}}")
-            return context[match.group(1)]
-        env[name] = _EXPR.sub(lookup, str(value))
-    output, summary = tmp / "github_output", tmp / "step_summary"
-    output.write_text("", encoding="utf-8")
-    summary.write_text("", encoding="utf-8")
-    env.update(GITHUB_OUTPUT=str(output), GITHUB_STEP_SUMMARY=str(summary), GITHUB_ACTION_PATH=str(REPO),
-               GITHUB_WORKSPACE=str(tmp), GITHUB_ACTIONS="true", RUNNER_TEMP=str(tmp))
-    # The runner runs `bash --noprofile --norc -eo pipefail {0}` on a file holding the script.
-    script = tmp / f"{step_id}.sh"
-    script.write_text(step["run"], encoding="utf-8")
-    proc = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)], env=env,
-                          cwd=tmp, capture_output=True, text=True, timeout=120, check=False)
-    return proc, parse_file_command(output.read_text(encoding="utf-8")), summary.read_text(encoding="utf-8")
-
-
-def report_context(out: Path, expect: int, pytest_exit: str = "0", junit: str = "") -> dict[str, str]:
-    return {"steps.prepare.outputs.out": str(out), "steps.prepare.outputs.candidate-count": str(expect),
-            "steps.gate.outputs.pytest-exit": pytest_exit, "steps.gate.outputs.junit": junit}
+def run_report(out: Path, expect: int, tmp: Path, pytest_exit: str = "0",
+               junit: str = "") -> tuple[subprocess.CompletedProcess, dict[str, str], str]:
+    """Run the Report step as after a prepare and a gate step with these outputs."""
+    job = CompositeRun(tmp)
+    job.outputs["prepare"] = {"out": str(out), "candidate-count": str(expect)}
+    job.outputs["gate"] = {"pytest-exit": pytest_exit, "junit": junit}
+    proc = job.run("report")
+    return proc, job.outputs["report"], job.summary
 
 
 def chart_bars(summary: str, name: str) -> list[float]:
@@ -192,8 +221,7 @@ def test_candidates_expand_globs_and_refuse_empty_patterns(tmp_path: Path) -> No
     with pytest.raises(InputError) as err:
         action.expand_candidates("models/m.Q2_K.gguf\nmodels/*.Q8_0.gguf", tmp_path)
     assert err.value.where == "input candidates, line 2"
-    with pytest.raises(InputError):
-        action.expand_candidates("\n# nothing\n", tmp_path)
+    assert action.expand_candidates("\n# nothing\n", tmp_path) == []
 
 
 def test_prepare_validates_inputs_and_exports_plugin_variables(tmp_path: Path) -> None:
@@ -210,6 +238,13 @@ def test_prepare_validates_inputs_and_exports_plugin_variables(tmp_path: Path) -
         action.prepare({**base, "QS_SIGN": "yes"}, tmp_path)
     with pytest.raises(InputError, match="no baseline"):
         action.prepare({**base, "QS_BASELINE": "  "}, tmp_path)
+    with pytest.raises(InputError, match="no candidates"):
+        action.prepare({**base, "QS_CANDIDATES": "# none\n"}, tmp_path)
+    (tmp_path / "m.json").write_text("{}", encoding="utf-8")
+    only_manifests = action.prepare({**base, "QS_BASELINE": "", "QS_CANDIDATES": "", "QS_MANIFESTS": "*.json"},
+                                    tmp_path)
+    assert only_manifests["QUANTSAFE_MANIFEST"] == "m.json" and "QUANTSAFE_BASELINE" not in only_manifests
+    assert action.subject_count({**env, **only_manifests}) == 2
 
 
 # --------------------------------------------------------------------------- action.yml shape
@@ -242,7 +277,7 @@ def test_report_step_pass_fail_and_worst_candidate(tmp_path: Path, paper_rows: d
     assert (passed.verdict.outcome, passed.screening.band) == ("pass", "LOW")
     assert (failed.verdict.outcome, failed.screening.band) == ("fail", "HIGH")
 
-    proc, outputs, summary = run_composite_step("report", report_context(out, 2), tmp_path)
+    proc, outputs, summary = run_report(out, 2, tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert outputs["verdict"] == "fail"
     assert outputs["band"] == "HIGH"
@@ -276,7 +311,7 @@ def test_report_step_pass_fail_and_worst_candidate(tmp_path: Path, paper_rows: d
 def test_report_step_pass_alone_exits_zero(tmp_path: Path, paper_rows: dict) -> None:
     out = tmp_path / "out"
     result = screen_row(paper_rows, "phi-2", "Q8_0", out)
-    proc, outputs, summary = run_composite_step("report", report_context(out, 1), tmp_path)
+    proc, outputs, summary = run_report(out, 1, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (outputs["verdict"], outputs["band"]) == ("pass", "LOW")
     assert float(outputs["rtsi"]) == pytest.approx(result.record["screening"]["rtsi"], abs=1e-6)
@@ -290,7 +325,7 @@ def test_report_step_insufficient_data_exits_three(tmp_path: Path, paper_rows: d
     passed = screen_row(paper_rows, "qwen2.5-1.5b", "Q8_0", out)
     assert thin.verdict.outcome == "insufficient" and thin.screening.rtsi is None
     assert thin.record["baseline"]["profile"]["n_refusals"] == 29
-    proc, outputs, summary = run_composite_step("report", report_context(out, 2), tmp_path)
+    proc, outputs, summary = run_report(out, 2, tmp_path)
     assert proc.returncode == 3, proc.stderr
     assert outputs["verdict"] == "insufficient"
     assert outputs["band"] == "" and outputs["rtsi"] == ""
@@ -305,17 +340,17 @@ def test_report_step_insufficient_data_exits_three(tmp_path: Path, paper_rows: d
 def test_report_fails_closed_on_missing_records_and_failed_suite(tmp_path: Path, paper_rows: dict) -> None:
     out = tmp_path / "out"
     screen_row(paper_rows, "qwen2.5-1.5b", "Q8_0", out)
-    proc, outputs, summary = run_composite_step("report", report_context(out, 2), tmp_path)
+    proc, outputs, summary = run_report(out, 2, tmp_path)
     assert proc.returncode == 3 and outputs["verdict"] == "insufficient"
     assert "1 candidate(s) have no screening record" in summary
 
-    proc, outputs, _ = run_composite_step("report", report_context(out, 1, pytest_exit="1"), tmp_path)
+    proc, outputs, _ = run_report(out, 1, tmp_path, pytest_exit="1")
     assert proc.returncode == 1 and outputs["verdict"] == "fail"
     assert "gate suite exited 1 although every record passed" in proc.stdout
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc, outputs, _ = run_composite_step("report", report_context(empty, 1), tmp_path)
+    proc, outputs, _ = run_report(empty, 1, tmp_path)
     assert proc.returncode == 3 and outputs["verdict"] == "insufficient" and outputs["records"] == ""
 
 
@@ -326,7 +361,7 @@ def test_report_refuses_tampered_records(tmp_path: Path, paper_rows: dict) -> No
     record = json.loads(path.read_text(encoding="utf-8"))
     record["verdict"]["outcome"] = "pass"  # exit_code still says 1
     path.write_text(json.dumps(record), encoding="utf-8")
-    proc, outputs, _ = run_composite_step("report", report_context(out, 1), tmp_path)
+    proc, outputs, _ = run_report(out, 1, tmp_path)
     assert proc.returncode == 2 and outputs == {}
     assert "verdict.exit_code" in proc.stdout and proc.stdout.startswith("::error title=quantsafe bad_input::")
 
@@ -353,8 +388,7 @@ def test_junit_counts_reach_the_summary(tmp_path: Path, paper_rows: dict) -> Non
                           str(tmp_path / "test_gate_demo.py"), f"--junitxml={junit}"],
                          capture_output=True, text=True, cwd=tmp_path, check=False)
     assert run.returncode == 1
-    proc, outputs, summary = run_composite_step(
-        "report", report_context(out, 1, pytest_exit=str(run.returncode), junit=str(junit)), tmp_path)
+    proc, outputs, summary = run_report(out, 1, tmp_path, pytest_exit=str(run.returncode), junit=str(junit))
     assert proc.returncode == 1 and outputs["verdict"] == "fail"
     assert "Gate suite: 2 tests, 1 failed, 0 errors, 0 skipped." in summary
     assert "test_gate_demo::test_broken" in summary
@@ -381,3 +415,76 @@ def test_bundles_and_release_staging(tmp_path: Path, paper_rows: dict) -> None:
     assert sorted(p.name for p in staged) == ["paper_phi-2-Q6_K.record.json", "paper_phi-2-Q8_0.record.json",
                                               "paper_phi-2-Q8_0.record.sigstore.json"]
     assert (tmp_path / "release" / "paper_phi-2-Q8_0.record.json").read_bytes() == Path(a.paths["record"]).read_bytes()
+
+
+# --------------------------------------------------------------------------- the whole composite job
+
+
+def write_manifest(folder: Path, rows: dict, base_model: str, quant: str) -> Path:
+    """Write the external-screen manifest (manifest.build_request) of one paper row; return its path."""
+    from pytest_quantsafe import manifest
+    from pytest_quantsafe.types import canonical_json, sha256_hex
+
+    row = rows[(base_model, quant)]
+    baseline, candidate = _pair_from_row(row)
+    request = manifest.build_request(
+        baseline, candidate, source_model_id=base_model, probe_count=100,
+        probe_sha256=sha256_hex(canonical_json(["paper-2606.10154", base_model])),
+        # The paper publishes no revisions: all-zero marks "unknown", never a real commit.
+        baseline_side={"repo_id": base_model, "revision": "0" * 40, "quantization": row["baseline_quant"]},
+        candidate_side={"repo_id": f"{base_model}-{quant}", "revision": "0" * 40, "quantization": quant})
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{base_model}-{quant}.json"
+    path.write_text(json.dumps(request), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(("cells", "policy", "exit_code", "verdict"), [
+    ([("phi-2", "Q8_0")], "default", 0, "pass"),
+    ([("phi-2", "Q8_0"), ("llama3.2-1b", "Q2_K")], "default", 1, "fail"),
+    ([("mistral-7b", "Q4_K_M"), ("phi-2", "Q8_0")], "thin.yaml", 3, "insufficient"),
+], ids=["pass", "fail", "insufficient"])
+def test_prepare_gate_report_steps_on_manifests(tmp_path: Path, paper_rows: dict, cells: list,
+                                                policy: str, exit_code: int, verdict: str) -> None:
+    """prepare -> gate (real `pytest gate/` through the plugin) -> report, as the composite runs them."""
+    for base_model, quant in cells:
+        write_manifest(tmp_path / "evidence", paper_rows, base_model, quant)
+    if policy == "thin.yaml":
+        (tmp_path / "thin.yaml").write_text(thin_baseline_policy(), encoding="utf-8")
+    job = CompositeRun(tmp_path, {"manifests": "evidence/*.json", "policy": policy, "sign": "false"})
+
+    prepared = job.run("prepare")
+    assert prepared.returncode == 0, prepared.stderr
+    assert job.outputs["prepare"]["candidate-count"] == str(len(cells))
+    gate = job.run("gate")
+    assert gate.returncode == 0, gate.stderr  # the gate step records pytest's status, it does not fail
+    assert job.outputs["gate"]["pytest-exit"] == ("0" if exit_code == 0 else "1"), gate.stdout
+    report = job.run("report")
+    assert report.returncode == exit_code, report.stdout + report.stderr
+    outputs = job.outputs["report"]
+    assert outputs["verdict"] == verdict
+
+    records = [json.loads(Path(p).read_text(encoding="utf-8")) for p in outputs["records"].splitlines()]
+    assert len(records) == len(cells)
+    rows_by_name = {f"{base_model}-{quant}": paper_rows[(base_model, quant)] for base_model, quant in cells}
+    assert sorted(r["candidate"]["artifact"]["name"] for r in records) == sorted(rows_by_name)
+    summary = job.summary
+    assert f"Gate suite: {len(cells)} tests, {0 if exit_code == 0 else 1} failed" in summary
+    for record in records:
+        name = record["candidate"]["artifact"]["name"]
+        scored = record["screening"]["rtsi"]
+        row = rows_by_name[name]
+        if scored is None:
+            assert record["verdict"]["outcome"] == "insufficient"
+            assert f"| {name} | ⚪ insufficient | — |" in summary
+            continue
+        assert scored == pytest.approx(float(row["rtsi_score"]), abs=1e-6)  # the paper's number
+        band = record["screening"]["band"]
+        assert band == row["rtsi_risk"]
+        assert f"| {name} | {BAND_EMOJI[band]} {band} | {scored:.4f} |" in summary
+        bars = chart_bars(summary, name)
+        assert bars == pytest.approx([record["screening"]["contributions"][n] for n in FEATURE_NAMES], abs=5e-5)
+    if verdict != "pass":
+        title = "gate failed" if verdict == "fail" else "insufficient data"
+        assert f"::error title=quantsafe {title}%3A {outputs['worst-candidate']}::" in report.stdout
+    assert summary.rstrip().endswith(LIMITS_SENTENCE)
