@@ -42,6 +42,8 @@ __all__ = ["GITHUB_ISSUER", "SignerPolicy", "VerifiedAttestation", "check_record
 GITHUB_ISSUER = "https://token.actions.githubusercontent.com"
 _OID_ISSUER_V1 = "1.3.6.1.4.1.57264.1.1"
 _OID_ISSUER_V2 = "1.3.6.1.4.1.57264.1.8"
+_OID_REPOSITORY_V1 = "1.3.6.1.4.1.57264.1.5"
+_OID_SOURCE_REPOSITORY_URI = "1.3.6.1.4.1.57264.1.12"
 _OUTCOME_EXIT = {"pass": 0, "fail": 1, "insufficient": 3}
 
 
@@ -98,16 +100,47 @@ class SignerPolicy:
         """Return the sigstore VerificationPolicy enforcing this signer policy."""
         from sigstore.verify import policy as sp
 
-        checks: list[Any] = [sp.AnyOf([sp.OIDCIssuer(self.issuer), sp.OIDCIssuerV2(self.issuer)])]
+        checks: list[Any] = [_IssuerIs(self.issuer)]
         exact = self.expected_identity()
         if exact is not None:
             checks.append(sp.Identity(identity=exact))
         if self.identity_pattern:
             checks.append(_SANPattern(self.identity_pattern))
         if self.repository:
-            checks.append(sp.AnyOf([sp.GitHubWorkflowRepository(self.repository),
-                                    sp.OIDCSourceRepositoryURI(f"https://github.com/{self.repository}")]))
+            checks.append(_RepositoryIs(self.repository))
         return sp.AllOf(checks)
+
+
+class _IssuerIs:
+    """A sigstore policy: the certificate's OIDC issuer (v2 extension, else v1) is the pinned one."""
+
+    def __init__(self, issuer: str) -> None:
+        self._issuer = issuer
+
+    def verify(self, cert: Any) -> None:
+        from sigstore.errors import VerificationError
+
+        actual = _cert_issuer(cert)
+        if actual != self._issuer:
+            raise VerificationError(f"OIDC issuer {actual!r} is not the pinned issuer {self._issuer!r}")
+
+
+class _RepositoryIs:
+    """A sigstore policy: the certificate's GitHub repository extension names the pinned repository."""
+
+    def __init__(self, repository: str) -> None:
+        self._repository = repository
+
+    def verify(self, cert: Any) -> None:
+        from sigstore.errors import VerificationError
+
+        actual = _cert_ext(cert, _OID_REPOSITORY_V1, der=False)
+        if actual is None:
+            uri = _cert_ext(cert, _OID_SOURCE_REPOSITORY_URI, der=True)
+            actual = uri.removeprefix("https://github.com/") if uri else None
+        if actual != self._repository:
+            raise VerificationError(f"signing repository {actual!r} is not the pinned repository "
+                                    f"{self._repository!r}")
 
 
 class _SANPattern:
@@ -134,23 +167,27 @@ def _sans(cert: Any) -> list[str]:
     return sorted(set(ext.get_values_for_type(UniformResourceIdentifier)) | set(ext.get_values_for_type(RFC822Name)))
 
 
-def _cert_issuer(cert: Any) -> str | None:
+def _cert_ext(cert: Any, oid: str, *, der: bool) -> str | None:
+    """Return a Fulcio extension's text: v1 extensions hold raw bytes, v2 a DER UTF8String."""
     from cryptography.x509 import ObjectIdentifier
 
-    for oid, der in ((_OID_ISSUER_V2, True), (_OID_ISSUER_V1, False)):
-        try:
-            raw = cert.extensions.get_extension_for_oid(ObjectIdentifier(oid)).value.value
-        except Exception:
-            continue
-        if der and len(raw) >= 2 and raw[0] == 0x0C:
-            length, offset = raw[1], 2
-            if length & 0x80:
-                n = length & 0x7F
-                length, offset = int.from_bytes(raw[2:2 + n], "big"), 2 + n
-            return bytes(raw[offset:offset + length]).decode("utf-8", "replace")
-        if not der:
-            return bytes(raw).decode("utf-8", "replace")
-    return None
+    try:
+        raw = bytes(cert.extensions.get_extension_for_oid(ObjectIdentifier(oid)).value.value)
+    except Exception:
+        return None
+    if not der:
+        return raw.decode("utf-8", "replace")
+    if len(raw) < 2 or raw[0] != 0x0C:
+        return None
+    length, offset = raw[1], 2
+    if length & 0x80:
+        n = length & 0x7F
+        length, offset = int.from_bytes(raw[2:2 + n], "big"), 2 + n
+    return raw[offset:offset + length].decode("utf-8", "replace")
+
+
+def _cert_issuer(cert: Any) -> str | None:
+    return _cert_ext(cert, _OID_ISSUER_V2, der=True) or _cert_ext(cert, _OID_ISSUER_V1, der=False)
 
 
 @dataclass(frozen=True)
@@ -375,14 +412,18 @@ def _read_text(path: str | Path, what: str) -> str:
         raise _fail(f"cannot read the {what}: {exc}", str(path), fix=f"give the {what} file") from None
 
 
-def _load_bundle(path: str | Path) -> Any:
+def _load_bundle(path: str | Path, *, want_dsse: bool) -> Any:
     from sigstore.models import Bundle
 
     text = _read_text(path, "bundle")
     try:
-        return Bundle.from_json(text)
+        has_dsse = "dsseEnvelope" in json.loads(text)
+        bundle = Bundle.from_json(text)
     except Exception as exc:  # truncated JSON, bad base64, unknown media type: all unverifiable
         raise _fail(f"not a valid Sigstore bundle: {type(exc).__name__}: {str(exc)[:200]}", str(path)) from None
+    if want_dsse and not has_dsse:
+        raise _fail("the bundle holds no DSSE envelope (not a quantsafe attestation)", str(path))
+    return bundle
 
 
 def _trusted_root(path: str | Path | None) -> Any:
@@ -418,11 +459,9 @@ def verify_keyless(bundle_path: str | Path, artifacts: Sequence[str | Path], sig
     from sigstore.verify import Verifier
 
     signer.validate()
-    bundle = _load_bundle(bundle_path)
+    bundle = _load_bundle(bundle_path, want_dsse=True)
     verifier = Verifier(trusted_root=_trusted_root(trusted_root))
     where = str(bundle_path)
-    if bundle._dsse_envelope is None:
-        raise _fail("the bundle holds no DSSE envelope (not a quantsafe attestation)", where)
     payload_type, payload = _sigstore_verify(lambda: verifier.verify_dsse(bundle, signer.to_sigstore()), where)
     statement = check_statement(payload_type, payload, artifacts, where)
     cert = bundle.signing_certificate
@@ -438,7 +477,7 @@ def verify_artifact_signature(bundle_path: str | Path, artifact: str | Path, sig
     from sigstore.verify import Verifier
 
     signer.validate()
-    bundle = _load_bundle(bundle_path)
+    bundle = _load_bundle(bundle_path, want_dsse=False)
     verifier = Verifier(trusted_root=_trusted_root(trusted_root))
     try:
         data = Path(artifact).read_bytes()
