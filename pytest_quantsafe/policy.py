@@ -252,9 +252,11 @@ def _rules(screening: Screening, policy: Policy) -> tuple[list[RuleResult], bool
     n_base = screening.baseline.n_refusals
     insufficient = screening.status != "scored" or n_base < policy.min_baseline_refusals
     detail = (f"baseline refusals {n_base} (min {policy.min_baseline_refusals}), status {screening.status}")
-    if insufficient and policy.on_insufficient == "pass":
+    # on_insufficient: pass is honoured only by an advisory policy; an enforcing one never passes thin data.
+    accepted = insufficient and policy.on_insufficient == "pass" and policy.mode == "advisory"
+    if accepted:
         detail += "; accepted by on_insufficient: pass (advisory)"
-    rules.append(RuleResult("insufficient_data", not insufficient or policy.on_insufficient == "pass", detail))
+    rules.append(RuleResult("insufficient_data", not insufficient or accepted, detail))
 
     band = effective_band(screening, policy)
     if band is None or screening.rtsi is None:
@@ -312,7 +314,7 @@ def decide(screening: Screening, policy: Policy) -> Verdict:
     hard = [r for r in broken if r.rule not in ("insufficient_data",) and not (insufficient and r.rule == "band")]
     if hard:
         return Verdict("fail", EXIT_GATE_FAILED, tuple(f"{r.rule}: {r.detail}" for r in hard), tuple(rules))
-    if insufficient and policy.on_insufficient == "fail":
+    if insufficient:
         reasons = tuple(f"{r.rule}: {r.detail}" for r in broken)
         return Verdict("insufficient", EXIT_INSUFFICIENT, reasons, tuple(rules))
     return Verdict("pass", EXIT_PASS, tuple(f"{r.rule}: {r.detail}" for r in rules), tuple(rules))

@@ -168,6 +168,16 @@ def test_insufficient_data_fails_closed_under_default_and_passes_only_when_advis
     assert any("would fail band" in r for r in a.reasons)
 
 
+def test_enforcing_policy_built_in_code_never_passes_insufficient_data() -> None:
+    from dataclasses import replace
+
+    thin = profile([SORRY] * 3, 40)
+    s = screening_of(thin, baseline=thin)
+    # The schema refuses on_insufficient: pass outside advisory mode; decide() holds the line too.
+    lax = replace(load_policy(), on_insufficient="pass")
+    assert (decide(s, lax).outcome, decide(s, lax).exit_code) == ("insufficient", 3)
+
+
 def test_policy_min_baseline_refusals_is_enforced_even_if_scored_with_a_lower_minimum() -> None:
     thin = profile([SORRY] * 3, 40)
     s = rtsi.score(thin, thin, load_policy().calibration, min_baseline_refusals=1)
