@@ -26,9 +26,10 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from pytest_quantsafe.errors import InputError, SigningError
 from pytest_quantsafe.types import BANDS, canonical_json, sha256_hex
@@ -94,7 +95,7 @@ def subjects_from_record(record: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def subjects_from_paths(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """Return subjects for files given on the command line; a directory gives one per weight file."""
-    subjects = []
+    subjects: list[dict[str, Any]] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
@@ -337,7 +338,7 @@ def _trust_config(path: str | Path | None) -> Any:
     except OSError as exc:
         raise SigningError(f"cannot read the trust config: {exc.strerror or exc}", where=str(path),
                            fix="give a Sigstore ClientTrustConfig JSON file") from None
-    except Exception as exc:  # sigstore_models raises its own validation errors
+    except Exception as exc:  # noqa: BLE001 - sigstore_models raises its own validation errors
         raise SigningError(f"invalid Sigstore trust config: {exc}", where=str(path),
                            fix="give a Sigstore ClientTrustConfig JSON file "
                                "(application/vnd.dev.sigstore.clienttrustconfig.v0.1+json)") from None
@@ -371,7 +372,7 @@ def sign_keyless(statement: Mapping[str, Any], *, identity_token: str | None = N
     except SigstoreError as exc:
         raise SigningError(f"Sigstore refused to sign: {exc}", fix="see the Sigstore message; retry "
                            "or sign with a local key for air-gapped runners") from None
-    except Exception as exc:  # network, Fulcio/Rekor client errors: all mean "not signed"
+    except Exception as exc:  # noqa: BLE001 - network, Fulcio/Rekor client errors: all mean "not signed"
         raise SigningError(f"keyless signing failed: {type(exc).__name__}: {exc}",
                            fix="check that Fulcio and Rekor are reachable and the token is valid") from None
     return str(bundle.to_json())

@@ -18,10 +18,11 @@ import binascii
 import json
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from pytest_quantsafe.attest import (
     PAYLOAD_TYPE,
@@ -158,22 +159,27 @@ class _SANPattern:
 
 
 def _sans(cert: Any) -> list[str]:
-    from cryptography.x509 import RFC822Name, SubjectAlternativeName, UniformResourceIdentifier
+    from cryptography.x509 import (
+        ExtensionNotFound,
+        RFC822Name,
+        SubjectAlternativeName,
+        UniformResourceIdentifier,
+    )
 
     try:
         ext = cert.extensions.get_extension_for_class(SubjectAlternativeName).value
-    except Exception:
+    except ExtensionNotFound:
         return []
     return sorted(set(ext.get_values_for_type(UniformResourceIdentifier)) | set(ext.get_values_for_type(RFC822Name)))
 
 
 def _cert_ext(cert: Any, oid: str, *, der: bool) -> str | None:
     """Return a Fulcio extension's text: v1 extensions hold raw bytes, v2 a DER UTF8String."""
-    from cryptography.x509 import ObjectIdentifier
+    from cryptography.x509 import ExtensionNotFound, ObjectIdentifier
 
     try:
         raw = bytes(cert.extensions.get_extension_for_oid(ObjectIdentifier(oid)).value.value)
-    except Exception:
+    except ExtensionNotFound:
         return None
     if not der:
         return raw.decode("utf-8", "replace")
@@ -369,6 +375,7 @@ def check_statement(payload_type: str, payload: bytes, artifacts: Sequence[str |
         pairs.append((str(s.get("name", "")), sha))
     record = statement.get("predicate")
     check_record(record, f"{where}: predicate")
+    assert isinstance(record, Mapping)  # check_record raised otherwise
     try:
         from_record = {s["digest"]["sha256"] for s in subjects_from_record(record)}
     except InputError as exc:
@@ -379,10 +386,7 @@ def check_statement(payload_type: str, payload: bytes, artifacts: Sequence[str |
     if not artifacts:
         raise UsageError("no artifact given to check the subjects against", where="--artifact",
                          fix="pass the released artifact file(s) or model directory")
-    try:
-        given = {s["digest"]["sha256"]: s["name"] for s in subjects_from_paths(artifacts)}
-    except InputError:
-        raise
+    given = {s["digest"]["sha256"]: s["name"] for s in subjects_from_paths(artifacts)}
     for name, digest in pairs:
         if digest not in given:
             raise _fail(f"subject {name} (sha256 {digest[:16]}…) matches none of the given files",
@@ -419,7 +423,7 @@ def _load_bundle(path: str | Path, *, want_dsse: bool) -> Any:
     try:
         has_dsse = "dsseEnvelope" in json.loads(text)
         bundle = Bundle.from_json(text)
-    except Exception as exc:  # truncated JSON, bad base64, unknown media type: all unverifiable
+    except Exception as exc:  # noqa: BLE001 - truncated JSON, bad base64, unknown media type: all unverifiable
         raise _fail(f"not a valid Sigstore bundle: {type(exc).__name__}: {str(exc)[:200]}", str(path)) from None
     if want_dsse and not has_dsse:
         raise _fail("the bundle holds no DSSE envelope (not a quantsafe attestation)", str(path))
@@ -437,7 +441,7 @@ def _trusted_root(path: str | Path | None) -> Any:
     except OSError as exc:
         raise _fail(f"cannot read the trusted root: {exc.strerror or exc}", str(path),
                     fix="give a Sigstore trusted_root.json with --trusted-root") from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - sigstore_models validation errors have no common base
         raise _fail(f"invalid trusted root: {type(exc).__name__}: {str(exc)[:200]}", str(path),
                     fix="give a Sigstore trusted_root.json with --trusted-root") from None
 
@@ -449,7 +453,7 @@ def _sigstore_verify(call: Any, where: str) -> Any:
         return call()
     except SigstoreError as exc:
         raise _fail(f"signature verification failed: {exc}", where) from None
-    except Exception as exc:  # a malformed bundle can surface as any parsing error
+    except Exception as exc:  # noqa: BLE001 - a malformed bundle can surface as any parsing error
         raise _fail(f"signature verification failed: {type(exc).__name__}: {str(exc)[:200]}", where) from None
 
 

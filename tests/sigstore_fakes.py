@@ -359,7 +359,7 @@ class FakeSigstore:
                         self._reply(201, instance.log_dsse(body))
                     else:
                         self._reply(404, {"code": 404, "message": f"no route {self.path}"})
-                except Exception as exc:  # a refused request is a 400 with the reason, like the real services
+                except Exception as exc:  # noqa: BLE001 - a refused request is a 400 with the reason, like the real services
                     self._reply(400, {"code": 400, "message": f"{type(exc).__name__}: {exc}"})
 
         return Handler

@@ -78,7 +78,7 @@ def test_records_are_real_screenings(low_record: dict[str, Any], high_record: di
                                      smollm2_gguf: Path) -> None:
     assert low_record["screening"]["band"] == "LOW" and low_record["verdict"]["outcome"] == "pass"
     assert high_record["screening"]["band"] == "HIGH" and high_record["verdict"]["outcome"] == "fail"
-    assert low_record["screening"]["rtsi"] < 0.10 <= 0.40 <= high_record["screening"]["rtsi"]
+    assert low_record["screening"]["rtsi"] < 0.10 and high_record["screening"]["rtsi"] >= 0.40
     collapse = make_record(smollm2_gguf, "collapse")
     assert collapse["screening"]["band"] == "HIGH" and "refusal_collapse" in collapse["screening"]["flags"]
     check_record(collapse)  # a forced HIGH is consistent
