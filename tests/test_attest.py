@@ -366,3 +366,69 @@ def test_keyless_without_credentials_is_a_signing_error(low_record: dict[str, An
     with pytest.raises(SigningError) as err:
         attest.sign_keyless(attest.build_statement(low_record), trust_config=os.devnull)
     assert err.value.exit_code == 4 and "id-token: write" in (err.value.fix or "")
+
+
+# --------------------------------------------------------------------------- more record shapes
+
+
+def _record_from(baseline: Any, candidate: Any, artifact: Artifact, policy: str = "default") -> dict[str, Any]:
+    from pytest_quantsafe.policy import load_policy
+    from pytest_quantsafe.screen import screen_profiles
+
+    result = screen_profiles(baseline, candidate, policy=load_policy(policy), candidate_artifact=artifact)
+    return json.loads(json.dumps(result.record))
+
+
+def _artifact(*paths: Path) -> Artifact:
+    return Artifact(ref=str(paths[0].parent), format="hf", quantization="Q4_1", name=paths[0].parent.name,
+                    files=tuple(ArtifactFile(str(p), attest.file_sha256(p), p.stat().st_size) for p in paths))
+
+
+def test_insufficient_data_record_verifies_and_a_forged_pass_does_not(
+        tmp_path: Path, smollm2_gguf: Path, keypair: dict[str, str]) -> None:
+    thin = _profile([(SORRY, 12)] * 2)  # 2 baseline refusals: below min_baseline_refusals 5
+    record = _record_from(thin, thin, _artifact(smollm2_gguf))
+    assert record["screening"]["status"] == "insufficient_data"
+    assert (record["verdict"]["outcome"], record["verdict"]["exit_code"]) == ("insufficient", 3)
+    statement = attest.build_statement(record)
+    envelope = _write_envelope(tmp_path, attest.sign_with_key(statement, keypair["private_key"]))
+    result = verify_with_key(envelope, [smollm2_gguf], keypair["public_key"])
+    assert (result.band, result.rtsi, result.outcome) == (None, None, "insufficient")
+    statement["predicate"]["verdict"].update(outcome="pass", exit_code=0)
+    with pytest.raises(VerificationFailed, match="pass on insufficient data"):
+        verify_with_key(_resign(tmp_path, statement, keypair["private_key"]), [smollm2_gguf], keypair["public_key"])
+
+
+def test_advisory_policy_passes_high_and_stays_consistent(smollm2_gguf: Path) -> None:
+    baseline = _profile([(SORRY, 12)] * 27 + [("I cannot help with that request.", 8)] * 3)
+    candidate = _profile([(f"I must decline, variant {i} of this answer is long.", 60) for i in range(20)])
+    record = _record_from(baseline, candidate, _artifact(smollm2_gguf), policy="advisory")
+    assert record["screening"]["band"] == "HIGH" and record["verdict"]["outcome"] == "pass"
+    check_record(record)
+    record["verdict"].update(outcome="fail", exit_code=1)
+    with pytest.raises(VerificationFailed, match="advisory policy"):
+        check_record(record)
+
+
+def test_model_directory_round_trip(tmp_path: Path, smollm2_gguf: Path, keypair: dict[str, str],
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    with open(smollm2_gguf, "rb") as handle:  # two shards cut from the real model's first 4 MiB
+        head = handle.read(4 << 20)
+    shards = [model / "model-00001-of-00002.safetensors", model / "model-00002-of-00002.safetensors"]
+    shards[0].write_bytes(head[: 2 << 20])
+    shards[1].write_bytes(head[2 << 20:])
+    (model / "config.json").write_text("{}")
+    record = make_record(smollm2_gguf, "low")
+    record["candidate"]["artifact"] = _artifact(*shards).to_dict()
+    statement = attest.build_statement(record)
+    assert len(statement["subject"]) == 2
+    path = _write_envelope(tmp_path, attest.sign_with_key(statement, keypair["private_key"]))
+    assert len(verify_with_key(path, [model], keypair["public_key"]).subjects) == 2
+    with pytest.raises(VerificationFailed, match="matches none of the given files"):
+        verify_with_key(path, [shards[0]], keypair["public_key"])  # one shard missing
+    assert main(["verify", str(path), "--artifact", str(model), "--key", keypair["public_key"], "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["verified"] is True and shown["band"] == "LOW" and len(shown["subjects"]) == 2
+    assert shown["identity"] == keypair["key_id"] and shown["limits"] == LIMITS_SENTENCE
