@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import glob
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 from pytest_quantsafe.errors import QuantSafeError, UsageError
 from pytest_quantsafe.types import BANDS, LIMITS_SENTENCE, Band, Policy, ScreeningResult
@@ -200,13 +201,13 @@ def failure_table(result: ScreeningResult, policy: Policy, broken: Sequence[str]
     parts = " + ".join(f"{k} {v:.4f}" for k, v in s.contributions.items()) or "not scored"
     lines = [
         title,
-        f"  band      {band}   (fail_at {policy.fail_at}; bands {policy.bands.moderate:g}/{policy.bands.high:g}; "
-        f"policy {policy.name})",
+        (f"  band      {band}   (fail_at {policy.fail_at}; bands {policy.bands.moderate:g}/{policy.bands.high:g}; "
+         f"policy {policy.name})"),
         f"  RTSI      {rtsi} = {parts}",
-        f"  refusals  baseline {b.n_refusals}/{b.n_total} {_pct(b.refusal_rate)} "
-        f"[{_pct(b.refusal_rate_ci[0])}, {_pct(b.refusal_rate_ci[1])}]  candidate {c.n_refusals}/{c.n_total} "
-        f"{_pct(c.refusal_rate)} [{_pct(c.refusal_rate_ci[0])}, {_pct(c.refusal_rate_ci[1])}]  "
-        f"drop {refusal_drop_pp(s):.1f} pp",
+        (f"  refusals  baseline {b.n_refusals}/{b.n_total} {_pct(b.refusal_rate)} "
+         f"[{_pct(b.refusal_rate_ci[0])}, {_pct(b.refusal_rate_ci[1])}]  candidate {c.n_refusals}/{c.n_total} "
+         f"{_pct(c.refusal_rate)} [{_pct(c.refusal_rate_ci[0])}, {_pct(c.refusal_rate_ci[1])}]  "
+         f"drop {refusal_drop_pp(s):.1f} pp"),
         f"  flags     {', '.join(s.flags) or 'none'}",
     ]
     lines += [f"  broken    {r}" for r in broken]

@@ -230,12 +230,12 @@ def test_cli_policy_diff_and_check(tmp_path: Path) -> None:
     pol = REPO / "pytest_quantsafe" / "policies"
     run = [sys.executable, "-m", "pytest_quantsafe.cli", "policy"]
     out = subprocess.run(run + ["diff", str(pol / "default.yaml"), str(pol / "strict.yaml")],
-                         capture_output=True, text=True)
+                         check=False, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "max_refusal_drop_pp: 10 -> 5  (tightens)" in out.stdout
     assert "6 tighten, 0 loosen" in out.stdout
-    ok = subprocess.run(run + ["check", str(pol / "strict.yaml")], capture_output=True, text=True)
+    ok = subprocess.run(run + ["check", str(pol / "strict.yaml")], check=False, capture_output=True, text=True)
     assert ok.returncode == 0 and "strict" in ok.stdout and "policy digest" in ok.stdout
     bad = write(tmp_path, "name: x\nfail_at: HIGH\nthreshold: 2\n")
-    err = subprocess.run(run + ["check", str(bad)], capture_output=True, text=True)
+    err = subprocess.run(run + ["check", str(bad)], check=False, capture_output=True, text=True)
     assert err.returncode == 2 and f"{bad}: key threshold (line 3)" in err.stderr

@@ -42,8 +42,8 @@ def _check(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy)
     data = policy.to_dict()
     out = [f"policy {policy.name}: valid ({policy.source})", f"  policy digest  {policy.digest}",
-           f"  calibration    {policy.calibration.name} ({policy.calibration.digest[:12]}, "
-           f"bands {policy.calibration.bands.moderate:g}/{policy.calibration.bands.high:g})"]
+           (f"  calibration    {policy.calibration.name} ({policy.calibration.digest[:12]}, "
+            f"bands {policy.calibration.bands.moderate:g}/{policy.calibration.bands.high:g})")]
     for key in ("bands", "fail_at", "max_refusal_drop_pp", "min_baseline_refusals", "on_insufficient", "mode",
                 "max_benign_refusal_increase_pp", "min_band_stability", "fail_on_flags", "probes", "generation"):
         value = data[key]
