@@ -165,6 +165,13 @@ def _resolve_calibration(ref: str, base_dir: Path) -> str | Path:
     return ref
 
 
+def _resolve_probes(ref: str | None, base_dir: Path) -> str | None:
+    """Return a probe-set file path made relative to the policy's folder; names and None unchanged."""
+    if ref is None or not ("/" in ref or ref.endswith((".jsonl", ".csv"))) or Path(ref).is_absolute():
+        return ref
+    return str(base_dir / ref)
+
+
 def policy_from_text(text: str, source: str = "<policy>", base_dir: Path | None = None) -> Policy:
     """Return a validated Policy from YAML text (``source`` names it in errors)."""
     from pytest_quantsafe.calibration import load_calibration
@@ -196,7 +203,7 @@ def policy_from_text(text: str, source: str = "<policy>", base_dir: Path | None 
         max_benign_refusal_increase_pp=_opt_float(data, "max_benign_refusal_increase_pp", None),
         min_band_stability=_opt_float(data, "min_band_stability", None),
         fail_on_flags=tuple(data.get("fail_on_flags") or ()),
-        probes=data.get("probes"),
+        probes=_resolve_probes(data.get("probes"), base_dir or Path(".")),
         generation=generation,
     )
 

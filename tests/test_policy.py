@@ -117,8 +117,10 @@ def test_relative_calibration_path_is_resolved_next_to_the_policy(tmp_path: Path
     cal = (REPO / "pytest_quantsafe" / "policies" / "calibration" / "default.yaml").read_text()
     (tmp_path / "cal").mkdir()
     (tmp_path / "cal" / "mine.yaml").write_text(cal.replace("name: default", "name: mine"))
-    p = load_policy(write(tmp_path, "name: x\ncalibration: cal/mine.yaml\n"))
+    p = load_policy(write(tmp_path, "name: x\ncalibration: cal/mine.yaml\nprobes: sets/mine.jsonl\n"))
     assert p.calibration.name == "mine"
+    assert p.probes == str(tmp_path / "sets" / "mine.jsonl")
+    assert load_policy(write(tmp_path, "name: y\nprobes: default\n", "y.yaml")).probes == "default"
 
 
 # --------------------------------------------------------------------------- decide
