@@ -55,3 +55,21 @@ def smollm2_ladder() -> dict[str, Path]:
     from pytest_quantsafe import zoo
 
     return {quant: zoo.build_variant("smollm2", quant) for quant in ("F16", "Q2_K")}
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf() -> Path:
+    """Return an fp32 HF checkpoint of SmolLM2-135M dequantized from the packaged GGUF (built once per machine)."""
+    pytest.importorskip("transformers")
+    from pytest_quantsafe import zoo_hf
+
+    return zoo_hf.dequantized_checkpoint("smollm2-135m-q4_1")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_variants(smollm2_hf: Path) -> dict[str, Path]:
+    """Return the bitsandbytes nf4 and int8 checkpoints quantized from ``smollm2_hf`` (built once per machine)."""
+    pytest.importorskip("bitsandbytes")
+    from pytest_quantsafe import zoo_hf
+
+    return {v: zoo_hf.quantized_variant(smollm2_hf, v) for v in ("bnb-nf4", "bnb-int8")}
