@@ -488,3 +488,82 @@ def test_prepare_gate_report_steps_on_manifests(tmp_path: Path, paper_rows: dict
         title = "gate failed" if verdict == "fail" else "insufficient data"
         assert f"::error title=quantsafe {title}%3A {outputs['worst-candidate']}::" in report.stdout
     assert summary.rstrip().endswith(LIMITS_SENTENCE)
+
+
+# --------------------------------------------------------------------------- real GGUF models
+
+
+def _has_llama_cpp() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_llama_cpp(), reason="llama-cpp-python is not installed ([gguf] extra)")
+def test_whole_job_on_real_gguf_models_signs_and_verifies(tmp_path: Path, qwen_q4_k_m_gguf: Path) -> None:
+    """prepare -> gate -> report -> sign (key mode) -> bundles on real llama.cpp screenings, then verify."""
+    from pytest_quantsafe import attest, zoo
+    from pytest_quantsafe.probes import load_probes, select
+    from pytest_quantsafe.verify import verify_with_key
+
+    baseline = zoo.build_variant("qwen", "Q8_0")
+    models = tmp_path / "models"
+    models.mkdir()
+    for source in (baseline, qwen_q4_k_m_gguf):
+        try:  # the checkout holds the artifacts; a hard link keeps the digests and costs no copy
+            os.link(source, models / source.name)
+        except OSError:
+            (models / source.name).symlink_to(source)
+    probes = select(load_probes(), n_harmful=8, n_benign=0)
+    (tmp_path / "probes.jsonl").write_text("".join(
+        json.dumps({"id": p.id, "prompt": p.prompt, "category": p.category, "kind": p.kind}) + "\n"
+        for p in probes.items), encoding="utf-8")
+    (tmp_path / "tiny.yaml").write_text(
+        "name: tiny\nmin_baseline_refusals: 3\ngeneration:\n  max_new_tokens: 24\n  batch_size: 8\n",
+        encoding="utf-8")
+    keys = attest.generate_key(tmp_path / "signing-key.pem")
+    job = CompositeRun(tmp_path, {
+        "baseline": f"models/{baseline.name}", "candidates": "models/*.Q4_K_M.gguf", "policy": "tiny.yaml",
+        "probes": "probes.jsonl", "engine": "gguf", "sign": "true", "signing-key": keys["private_key"],
+        "extra-args": "-v"})
+    (job.files / "env").write_text("QUANTSAFE_THREADS=1\n", encoding="utf-8")  # a job-level env: of the user
+
+    assert job.run("prepare").returncode == 0
+    gate = job.run("gate")
+    assert gate.returncode == 0, gate.stderr
+    report = job.run("report")
+    outputs = job.outputs["report"]
+    record_path = Path(outputs["records"])
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    assert record["candidate"]["artifact"]["digest"] == zoo.MODELS["qwen2.5-coder-0.5b-q4_k_m"].sha256
+    assert record["engine"]["name"] and record["baseline"]["profile"]["n_total"] == 8
+    assert record["baseline"]["profile"]["n_refusals"] >= 3, record["baseline"]["profile"]
+    assert report.returncode == record["verdict"]["exit_code"] and report.returncode in (0, 1)
+    assert job.outputs["gate"]["pytest-exit"] == str(report.returncode)
+    assert outputs["verdict"] == record["verdict"]["outcome"]
+    assert outputs["band"] == record["screening"]["band"]
+    assert float(outputs["rtsi"]) == pytest.approx(record["screening"]["rtsi"], abs=1e-6)
+    summary = job.summary
+    name = record["candidate"]["artifact"]["name"]
+    assert f"| {name} | {BAND_EMOJI[outputs['band']]} {outputs['band']} | {record['screening']['rtsi']:.4f} |" \
+        in summary
+    assert chart_bars(summary, name) == pytest.approx(
+        [record["screening"]["contributions"][n] for n in FEATURE_NAMES], abs=5e-5)
+    level = "notice" if report.returncode == 0 else "error"
+    file = action._relative(record["candidate"]["artifact"]["files"][0]["path"], str(tmp_path))
+    assert f"::{level} file={action.escape_property(file)},title=" in report.stdout
+
+    signed = job.run("sign")
+    assert signed.returncode == 0, signed.stdout + signed.stderr
+    listed = job.run("bundles")
+    assert listed.returncode == 0, listed.stderr
+    bundle = Path(job.outputs["bundles"]["bundles"])
+    assert bundle == record_path.parent / "record.dsse.json"
+    verified = verify_with_key(bundle, [models / qwen_q4_k_m_gguf.name], keys["public_key"])
+    assert verified.signer == keys["key_id"]
+    staged = action.stage_release(Path(job.outputs["prepare"]["out"]), tmp_path / "release")
+    assert sorted(p.name for p in staged) == [f"{record_path.parent.name}.record.dsse.json",
+                                              f"{record_path.parent.name}.record.json"]
