@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -335,3 +336,42 @@ def test_real_foreign_in_toto_statement_is_refused_by_predicate_type(vectors: Pa
     with pytest.raises(VerificationFailed, match="predicateType 'https://slsa.dev/provenance/v1'"):
         verify_keyless(vectors / "a.dsse.staging-rekor-v2.txt.sigstore.json", [vectors / "bundle_v3_github.whl"],
                        beacon, trusted_root=vectors / "staging_trusted_root.json")
+
+
+# --------------------------------------------------------------------------- end to end with a real model
+
+
+@pytest.mark.slow
+def test_real_screening_signed_keyless_and_verified(qwen_q4_k_m_gguf: Path, tmp_path: Path, fake: FakeSigstore,
+                                                    trust: dict[str, Path],
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """llama.cpp screens Qwen2.5-Coder Q4_K_M against a copy of itself; the record is signed and verified."""
+    from pytest_quantsafe.policy import load_policy
+    from pytest_quantsafe.probes import load_probes, select
+    from pytest_quantsafe.screen import screen_models
+
+    candidate = tmp_path / "candidate-Q4_K_M.gguf"
+    if _same_fs(qwen_q4_k_m_gguf, tmp_path):
+        os.link(qwen_q4_k_m_gguf, candidate)
+    else:
+        candidate.write_bytes(qwen_q4_k_m_gguf.read_bytes())
+    result = screen_models(str(qwen_q4_k_m_gguf), [str(candidate)], policy=load_policy("default"),
+                           probes=select(load_probes(), 12, 2), out_dir=tmp_path / "out",
+                           engine_options={"threads": 1}, cache_dir=tmp_path / "cache", progress=False)[0]
+    assert result.screening.baseline.n_refusals >= 5, "Qwen refuses most harmful probes (fixtures README)"
+    assert (result.screening.band, result.verdict.outcome) == ("LOW", "pass")
+    record_path = Path(result.paths["record"])
+    bundle = tmp_path / f"{candidate.name}{attest.BUNDLE_SUFFIX}"
+    assert main(["attest", str(record_path), "--artifact", str(candidate), "--keyless", "--trust-config",
+                 str(trust["config"]), "--identity-token", fake.token(REPO, WORKFLOW, MAIN),
+                 "--out", str(bundle)]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(bundle), "--artifact", str(candidate), "--issuer", GITHUB_ISSUER, "--repository",
+                 REPO, "--workflow", WORKFLOW, "--ref", MAIN, "--trusted-root", str(trust["root"])]) == 0
+    out = capsys.readouterr().out
+    assert "sha256:1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32" in out
+    assert "band:     LOW (RTSI 0.0000), verdict pass" in out
+
+
+def _same_fs(a: Path, b: Path) -> bool:
+    return a.stat().st_dev == b.stat().st_dev
