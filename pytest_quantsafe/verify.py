@@ -82,14 +82,15 @@ class SignerPolicy:
         if self.identity and self.identity_pattern:
             raise UsageError("--identity and --identity-pattern exclude each other", where="--identity-pattern",
                              fix="pin one exact identity or one explicit pattern")
+        if any(parts) and not all(parts) and not self.identity_pattern and not self.identity:
+            raise UsageError("--repository, --workflow and --ref pin the identity together",
+                             where="--repository / --workflow / --ref",
+                             fix="give all three, or an explicit --identity-pattern with --repository")
         if exact is None and not self.identity_pattern:
             raise UsageError("no signer identity pinned: any identity would be accepted",
                              where="--identity / --identity-pattern / --repository --workflow --ref",
                              fix="pin --repository OWNER/NAME --workflow .github/workflows/X.yml --ref REF, "
                                  "or --identity SAN, or an explicit --identity-pattern REGEX")
-        if any(parts) and not all(parts) and not self.identity_pattern and not self.identity:
-            raise UsageError("--repository, --workflow and --ref pin the identity together",
-                             where="--repository / --workflow / --ref", fix="give all three")
         if self.identity_pattern:
             try:
                 re.compile(self.identity_pattern)

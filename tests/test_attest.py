@@ -350,10 +350,12 @@ def test_cli_verify_requires_a_pinned_identity(tmp_path: Path, smollm2_gguf: Pat
     assert main(["verify", str(bundle), "--artifact", str(smollm2_gguf),
                  "--issuer", "https://token.actions.githubusercontent.com"]) == 2
     assert "no signer identity pinned" in capsys.readouterr().err
-    with pytest.raises(UsageError):
-        from pytest_quantsafe.verify import SignerPolicy
+    from pytest_quantsafe.verify import SignerPolicy
 
+    with pytest.raises(UsageError, match="pin the identity together"):
         SignerPolicy(issuer="https://token.actions.githubusercontent.com", repository="a/b").validate()
+    with pytest.raises(UsageError, match="invalid --identity-pattern"):
+        SignerPolicy(issuer="https://token.actions.githubusercontent.com", identity_pattern="(").validate()
 
 
 def test_keyless_without_credentials_is_a_signing_error(low_record: dict[str, Any],

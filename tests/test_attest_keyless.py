@@ -273,6 +273,15 @@ def test_forgery_tampered_log_entry(low_bundle: Path, tmp_path: Path, trust: dic
     _rejects(forged, [smollm2_gguf], trust, "signature verification failed")
 
 
+def test_forgery_key_envelope_passed_as_keyless_bundle(tmp_path: Path, records: dict[str, Any], trust: dict[str, Path],
+                                                       smollm2_gguf: Path) -> None:
+    keys = attest.generate_key(tmp_path / "k.pem")
+    envelope = tmp_path / "key-mode.json"
+    envelope.write_text(attest.envelope_json(attest.sign_with_key(attest.build_statement(records["low"]),
+                                                                  keys["private_key"])))
+    _rejects(envelope, [smollm2_gguf], trust, "not a valid Sigstore bundle")
+
+
 def test_cli_forged_bundle_exits_4(low_bundle: Path, tmp_path: Path, trust: dict[str, Path], smollm2_gguf: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     forged = _edit_payload(low_bundle, tmp_path, lambda s: s["predicate"]["screening"].update(band="HIGH"))
