@@ -229,8 +229,12 @@ def _num(value: Any, where: str) -> float:
     return float(value)
 
 
-def check_record(record: Any, where: str = "predicate") -> None:
-    """Return None when the record is internally consistent; raise VerificationFailed otherwise."""
+def check_record(record: Any, where: str = "predicate", *, signed_thresholds: bool = False) -> None:
+    """Return None when the record is internally consistent; raise VerificationFailed otherwise.
+
+    With ``signed_thresholds`` (a predicate, not a bare record) the decimal-string
+    ``thresholds`` block must be present and agree with the record's numbers.
+    """
     if not isinstance(record, Mapping):
         raise _fail("the predicate is not a JSON object", where)
     if record.get("schema") != RECORD_SCHEMA:
@@ -261,6 +265,8 @@ def check_record(record: Any, where: str = "predicate") -> None:
 
     # The signed thresholds must say what the record says.
     signed = record.get("thresholds")
+    if signed is None and signed_thresholds:
+        raise _fail("the predicate carries no signed thresholds", f"{where}.thresholds")
     if signed is not None:
         if not isinstance(signed, Mapping):
             raise _fail("thresholds is not an object", f"{where}.thresholds")
@@ -375,7 +381,7 @@ def check_statement(payload_type: str, payload: bytes, artifacts: Sequence[str |
             raise _fail("subject without a sha256 digest", f"{where}: payload.subject[{i}]")
         pairs.append((str(s.get("name", "")), sha))
     record = statement.get("predicate")
-    check_record(record, f"{where}: predicate")
+    check_record(record, f"{where}: predicate", signed_thresholds=True)
     assert isinstance(record, Mapping)  # check_record raised otherwise
     try:
         from_record = {s["digest"]["sha256"] for s in subjects_from_record(record)}

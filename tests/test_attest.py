@@ -251,6 +251,14 @@ def test_forgery_signed_threshold_disagrees_with_record(tmp_path: Path, low_reco
         verify_with_key(_resign(tmp_path, statement, keypair["private_key"]), [smollm2_gguf], keypair["public_key"])
 
 
+def test_forgery_thresholds_removed(tmp_path: Path, low_record: dict[str, Any], smollm2_gguf: Path,
+                                   keypair: dict[str, str]) -> None:
+    statement = attest.build_statement(low_record)
+    del statement["predicate"]["thresholds"]
+    with pytest.raises(VerificationFailed, match="no signed thresholds"):
+        verify_with_key(_resign(tmp_path, statement, keypair["private_key"]), [smollm2_gguf], keypair["public_key"])
+
+
 def test_forgery_wrong_payload_type(tmp_path: Path, low_record: dict[str, Any], smollm2_gguf: Path,
                                     keypair: dict[str, str]) -> None:
     forged = _resign(tmp_path, attest.build_statement(low_record), keypair["private_key"],
