@@ -442,3 +442,19 @@ def test_model_directory_round_trip(tmp_path: Path, smollm2_gguf: Path, keypair:
     shown = json.loads(capsys.readouterr().out)
     assert shown["verified"] is True and shown["band"] == "LOW" and len(shown["subjects"]) == 2
     assert shown["identity"] == keypair["key_id"] and shown["limits"] == LIMITS_SENTENCE
+
+
+def test_cli_predicate_only_for_actions_attest(tmp_path: Path, low_record: dict[str, Any], smollm2_gguf: Path,
+                                              keypair: dict[str, str]) -> None:
+    record_path = tmp_path / "record.json"
+    record_path.write_text(json.dumps(low_record))
+    out = tmp_path / "predicate.json"
+    assert main(["attest", str(record_path), "--artifact", str(smollm2_gguf), "--predicate-only",
+                 "--out", str(out)]) == 0
+    predicate = json.loads(out.read_text())
+    assert predicate == attest.build_statement(low_record)["predicate"]
+    # What actions/attest builds from subject-path + predicate-path verifies like our own statement.
+    statement = {"_type": attest.STATEMENT_TYPE, "subject": attest.subjects_from_paths([smollm2_gguf]),
+                 "predicateType": attest.PREDICATE_TYPE, "predicate": predicate}
+    envelope = _write_envelope(tmp_path, attest.sign_with_key(statement, keypair["private_key"]))
+    assert verify_with_key(envelope, [smollm2_gguf], keypair["public_key"]).band == "LOW"

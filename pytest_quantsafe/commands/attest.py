@@ -30,6 +30,9 @@ def register(subparsers: Any) -> None:
     mode.add_argument("--keyless", action="store_true",
                       help="Sigstore keyless signing with the ambient CI identity (GitHub: id-token: write)")
     mode.add_argument("--key", metavar="KEY.pem", help="sign with a local EC P-256 / Ed25519 key (air-gapped)")
+    mode.add_argument("--predicate-only", action="store_true",
+                      help="write the checked predicate (record + thresholds) unsigned, for actions/attest "
+                           "predicate-path (default <artifact>.quantsafe.predicate.json)")
     p.add_argument("--out", metavar="FILE",
                    help="output path (default <artifact>.quantsafe.sigstore.json, key mode .quantsafe.dsse.json)")
     p.add_argument("--trust-config", metavar="FILE",
@@ -95,7 +98,12 @@ def _attest(args: argparse.Namespace) -> int:
     attest.check_artifacts_match(statement, args.artifact)
     out = Path(args.out) if args.out else attest.default_output_path(args.artifact, args.record,
                                                                       keyless=bool(args.keyless))
-    if args.keyless:
+    if args.predicate_only:
+        if not args.out:
+            out = out.with_name(out.name.replace(attest.ENVELOPE_SUFFIX, ".quantsafe.predicate.json"))
+        text = json.dumps(statement["predicate"], sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+        how = "unsigned predicate for actions/attest, predicate-type " + attest.PREDICATE_TYPE
+    elif args.keyless:
         token = args.identity_token or os.environ.get("SIGSTORE_IDENTITY_TOKEN") or None
         text = attest.sign_keyless(statement, identity_token=token, trust_config=args.trust_config)
         how = "Sigstore keyless bundle"
@@ -108,7 +116,7 @@ def _attest(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise InputError(f"cannot write the attestation: {exc.strerror or exc}", where=str(out),
                          fix="choose a writable --out path") from None
-    sys.stdout.write(f"signed: {out} ({how})\n")
+    sys.stdout.write(f"{'wrote' if args.predicate_only else 'signed'}: {out} ({how})\n")
     for s in statement["subject"]:
         sys.stdout.write(f"  subject: {s['name']} sha256:{s['digest']['sha256']}\n")
     sys.stdout.write(f"  predicateType: {attest.PREDICATE_TYPE}\n  {LIMITS_SENTENCE}\n")
