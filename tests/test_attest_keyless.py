@@ -309,6 +309,13 @@ def test_production_bundle_verifies_offline_with_pinned_identity(vectors: Path) 
     assert san == "https://github.com/trailofbits/rfc8785.py/.github/workflows/release.yml@refs/tags/v0.1.2"
 
 
+def test_production_bundle_verifies_with_the_root_shipped_with_sigstore(vectors: Path) -> None:
+    # No --trusted-root: sigstore's bundled production root, loaded offline (no TUF refresh).
+    san = verify_artifact_signature(vectors / "bundle_v3_github.whl.sigstore", vectors / "bundle_v3_github.whl",
+                                    RFC8785)
+    assert san.endswith("/rfc8785.py/.github/workflows/release.yml@refs/tags/v0.1.2")
+
+
 @pytest.mark.parametrize("policy, match", [
     (SignerPolicy(issuer=GITHUB_ISSUER, repository="mallory/rfc8785.py",
                   workflow=".github/workflows/release.yml", ref="refs/tags/v0.1.2"), "SANs do not match"),
