@@ -112,6 +112,35 @@ def _num(value: Any, digits: int = 4) -> str:
     return "n/a" if value is None else f"{float(value):+.{digits}f}" if digits else str(value)
 
 
+def _evidence_lines(screening: Mapping[str, Any]) -> list[str]:
+    """Return the summary lines for the RTSI interval, band stability, regime, quality and judge (issue 4)."""
+    ci, stab = screening.get("rtsi_ci"), screening.get("band_stability")
+    lines = ["", "## Confidence, quality and regime", ""]
+    lines.append(f"- RTSI 95% bootstrap interval: [{float(ci[0]):.4f}, {float(ci[1]):.4f}]" if ci
+                 else "- RTSI 95% bootstrap interval: not computed")
+    if stab:
+        lines.append("- band stability (share of resamples): "
+                     + ", ".join(f"{k} {100 * float(v):.0f}%" for k, v in stab.items()))
+    quality = screening.get("quality") or {}
+    if quality.get("status") == "measured":
+        lines.append(f"- quality retention on benign answers: embedding {float(quality['embedding_retention_pp']):.1f}"
+                     f" pp, ROUGE-L {float(quality['rouge_l_retention_pp']):.1f} pp "
+                     f"(quality delta {float(quality['quality_delta_pp']):+.1f} pp)")
+    else:
+        lines.append(f"- quality retention: not measured ({quality.get('reason', 'no quality evidence')})")
+    lines.append(f"- regime: **{screening.get('regime') or 'unknown'}**")
+    judge = screening.get("judge")
+    if judge:
+        rates = "; ".join(
+            f"{side} pattern {_pct(judge[side].get('pattern_refusal_rate'))} vs judge "
+            f"{_pct(judge[side].get('judge_refusal_rate'))}" for side in ("baseline", "candidate"))
+        lines.append(f"- judge `{judge.get('detector')}`: {rates}; measurement divergence: "
+                     f"**{'yes' if judge.get('measurement_divergence') else 'no'}**")
+    else:
+        lines.append("- judge: none (pattern detector only; measurement divergence not checked)")
+    return lines
+
+
 def render_summary(record: Mapping[str, Any], source: str = "<record>") -> str:
     """Return a Markdown summary of a record: band, RTSI and contributions, refusal rates, flags, verdict."""
     _check(record, source)
@@ -150,8 +179,9 @@ def render_summary(record: Mapping[str, Any], source: str = "<record>") -> str:
         lines.append(f"| {side} | {prof.get('n_refusals')}/{prof.get('n_total')} | {_pct(prof.get('refusal_rate'))} "
                      f"| [{_pct(lo)}, {_pct(hi)}] | {_pct(prof.get('benign_refusal_rate'))} |")
     delta_rate = screening.get("refusal_rate_delta")
-    lines += ["", f"Refusal-rate change: {'n/a' if delta_rate is None else f'{100 * float(delta_rate):+.1f} pp'}",
-              "", "## Flags", ""]
+    lines += ["", f"Refusal-rate change: {'n/a' if delta_rate is None else f'{100 * float(delta_rate):+.1f} pp'}"]
+    lines += _evidence_lines(screening)
+    lines += ["", "## Flags", ""]
     flags = list(screening.get("flags") or [])
     lines += [f"- `{flag}`" for flag in flags] or ["- none"]
     lines += ["", "## Verdict", "", f"- outcome: **{verdict.get('outcome', 'n/a')}**"]

