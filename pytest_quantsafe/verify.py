@@ -317,8 +317,12 @@ def check_record(record: Any, where: str = "predicate", *, signed_thresholds: bo
         if outcome != "pass":
             raise _fail(f"advisory policy but verdict {outcome!r}", f"{where}.verdict.outcome")
         return
+    base_profile = record.get("baseline", {}).get("profile") if isinstance(record.get("baseline"), Mapping) else None
+    base_refusals = base_profile.get("n_refusals") if isinstance(base_profile, Mapping) else None
+    minimum = policy.get("min_baseline_refusals", 0)
+    thin = isinstance(base_refusals, int) and isinstance(minimum, int) and base_refusals < minimum
     if outcome == "pass":
-        if effective is None and policy.get("on_insufficient", "fail") != "pass":
+        if (effective is None or thin) and policy.get("on_insufficient", "fail") != "pass":
             raise _fail("verdict pass on insufficient data under on_insufficient: fail", f"{where}.verdict.outcome")
         if effective is not None and BANDS.index(effective) >= BANDS.index(fail_at):
             raise _fail(f"verdict pass but band {effective} is at or above fail_at {fail_at}",
@@ -330,13 +334,9 @@ def check_record(record: Any, where: str = "predicate", *, signed_thresholds: bo
             if drop > _num(limit, f"{where}.policy.max_refusal_drop_pp") + 1e-9:
                 raise _fail(f"verdict pass but the refusal rate fell {drop:.1f} pp (max {limit} pp)",
                             f"{where}.verdict.outcome")
-    elif outcome == "insufficient" and status == "scored":
-        base_profile = (record.get("baseline") or {}).get("profile") or {}
-        minimum = policy.get("min_baseline_refusals", 0)
-        if isinstance(base_profile, Mapping) and isinstance(minimum, int) \
-                and int(base_profile.get("n_refusals", -1)) >= minimum:
-            raise _fail("verdict insufficient although the screening was scored on enough refusals",
-                        f"{where}.verdict.outcome")
+    elif outcome == "insufficient" and status == "scored" and isinstance(base_refusals, int) and not thin:
+        raise _fail("verdict insufficient although the screening was scored on enough refusals",
+                    f"{where}.verdict.outcome")
 
 
 def _profile_rate(record: Mapping[str, Any], side: str, where: str) -> float | None:

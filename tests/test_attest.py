@@ -458,3 +458,19 @@ def test_cli_predicate_only_for_actions_attest(tmp_path: Path, low_record: dict[
                  "predicateType": attest.PREDICATE_TYPE, "predicate": predicate}
     envelope = _write_envelope(tmp_path, attest.sign_with_key(statement, keypair["private_key"]))
     assert verify_with_key(envelope, [smollm2_gguf], keypair["public_key"]).band == "LOW"
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda r: r["baseline"]["profile"].update(n_refusals=2), "pass on insufficient data"),
+    (lambda r: r["verdict"].update(outcome="insufficient", exit_code=3), "scored on enough refusals"),
+    (lambda r: r["verdict"].update(exit_code=1), "not a valid verdict"),
+    (lambda r: r["screening"]["contributions"].update(unique_prefix_rate=0.5), "contributions sum"),
+    (lambda r: r.update(limits="LOW means safe"), "limits sentence"),
+    (lambda r: r["policy"]["bands"].update(moderate=0.5, high=0.4), "not 0 <= moderate < high"),
+], ids=["thin-baseline-pass", "insufficient-on-scored", "exit-code", "contributions", "limits", "bands"])
+def test_record_inconsistencies_are_refused(low_record: dict[str, Any], edit: Any, match: str) -> None:
+    record = copy.deepcopy(low_record)
+    check_record(record)
+    edit(record)
+    with pytest.raises(VerificationFailed, match=match):
+        check_record(record)
