@@ -41,8 +41,8 @@ class CandidateResult:
 
     @property
     def name(self) -> str:
-        """Return the candidate artifact's name."""
-        return str(self.record["candidate"]["artifact"].get("name") or self.path.parent.name)
+        """Return the candidate's output-folder name (its file name, unique per screening)."""
+        return self.path.parent.name
 
     @property
     def outcome(self) -> str:
@@ -179,6 +179,12 @@ def _benign(profile: Mapping[str, Any]) -> str:
     return f"{100 * profile['benign_refusal_rate']:.1f}% ({profile['benign_refusals']}/{total})"
 
 
+def _describe(artifact: Mapping[str, Any]) -> str:
+    """Return "`file` (model name, quantization)" for an artifact of the record."""
+    ref = str(artifact.get("ref", "")).rstrip("/").rsplit("/", 1)[-1]
+    return f"`{_cell(ref)}` ({_cell(artifact.get('name', ''))}, {_cell(artifact.get('quantization', ''))})"
+
+
 def contribution_chart(result: CandidateResult) -> str:
     """Return a Mermaid ``xychart-beta`` bar chart of the four feature contributions."""
     contributions = [float(result.record["screening"]["contributions"][n]) for n in FEATURE_NAMES]
@@ -206,7 +212,8 @@ def candidate_section(result: CandidateResult) -> str:
         (f"### {BAND_EMOJI[result.band]} {_cell(result.name)} — {result.band or 'no band'}, {rtsi} — "
         f"{OUTCOME_EMOJI[result.outcome]} {result.outcome}"),
         "",
-        f"Baseline `{_cell(rec['baseline']['artifact'].get('name', ''))}` · record `{_cell(result.path)}`",
+        (f"Candidate {_describe(rec['candidate']['artifact'])} vs baseline {_describe(rec['baseline']['artifact'])}"
+        f" · record `{_cell(result.path)}`"),
         "",
         "| feature | baseline | candidate | Δ | φ | contribution |",
         "|---|---:|---:|---:|---:|---:|",

@@ -128,8 +128,8 @@ class CompositeRun:
         self.outputs: dict[str, dict[str, str]] = {}
         self.files = workspace / "_runner"
         self.files.mkdir(exist_ok=True)
-        (self.files / "env").write_text("", encoding="utf-8")
-        (self.files / "summary").write_text("", encoding="utf-8")
+        for name in ("env", "path", "summary"):
+            (self.files / name).write_text("", encoding="utf-8")
 
     def value(self, expression: str) -> str:
         if expression.startswith("inputs."):
@@ -150,13 +150,14 @@ class CompositeRun:
         step = next(s for s in ACTION["runs"]["steps"] if s.get("id") == step_id)
         assert step["shell"] == "bash"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GITHUB_", "QS_", "QUANTSAFE_"))}
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        added = (self.files / "path").read_text(encoding="utf-8").split()
+        env["PATH"] = os.pathsep.join([*reversed(added), str(Path(sys.executable).parent), env.get("PATH", "")])
         env.update(parse_file_command((self.files / "env").read_text(encoding="utf-8")))
         for name, value in step.get("env", {}).items():
             env[name] = _EXPR.sub(lambda m: self.value(m.group(1)), str(value))
         output = self.files / f"output-{step_id}"
         output.write_text("", encoding="utf-8")
-        env.update(GITHUB_OUTPUT=str(output), GITHUB_ENV=str(self.files / "env"),
+        env.update(GITHUB_OUTPUT=str(output), GITHUB_ENV=str(self.files / "env"), GITHUB_PATH=str(self.files / "path"),
                    GITHUB_STEP_SUMMARY=str(self.files / "summary"), GITHUB_ACTION_PATH=str(REPO),
                    GITHUB_WORKSPACE=str(self.workspace), GITHUB_ACTIONS="true", RUNNER_TEMP=str(self.files))
         script = self.files / f"{step_id}.sh"
@@ -284,16 +285,16 @@ def test_report_step_pass_fail_and_worst_candidate(tmp_path: Path, paper_rows: d
     assert float(outputs["rtsi"]) == pytest.approx(failed.record["screening"]["rtsi"], abs=1e-6)
     assert float(outputs["rtsi"]) == pytest.approx(0.786400, abs=1e-4)  # the paper's row
     assert sorted(outputs["records"].splitlines()) == sorted([passed.paths["record"], failed.paths["record"]])
-    assert outputs["worst-candidate"] == "qwen2.5-1.5b-GPTQ"
+    assert outputs["worst-candidate"] == "paper_qwen2.5-1.5b-GPTQ"
 
     assert "| candidate | band | RTSI | harmful refusal rate [95% Wilson] | verdict |" in summary
-    assert "| qwen2.5-1.5b-GPTQ | 🔴 HIGH | 0.7864 | 47.0% [" in summary
-    assert f"| qwen2.5-1.5b-Q8_0 | 🟢 LOW | {passed.record['screening']['rtsi']:.4f} | 99.0% [" in summary
+    assert "| paper_qwen2.5-1.5b-GPTQ | 🔴 HIGH | 0.7864 | 47.0% [" in summary
+    assert f"| paper_qwen2.5-1.5b-Q8_0 | 🟢 LOW | {passed.record['screening']['rtsi']:.4f} | 99.0% [" in summary
     assert "| feature | baseline | candidate | Δ | φ | contribution |" in summary
     assert summary.count("xychart-beta") == 2
     for result in (passed, failed):
         contributions = result.record["screening"]["contributions"]
-        bars = chart_bars(summary, result.record["candidate"]["artifact"]["name"])
+        bars = chart_bars(summary, Path(result.paths["record"]).parent.name)
         assert bars == pytest.approx([contributions[n] for n in FEATURE_NAMES], abs=5e-5)
         assert sum(bars) == pytest.approx(result.record["screening"]["rtsi"], abs=2e-4)
         lo, hi = result.record["candidate"]["profile"]["refusal_rate_ci"]
@@ -303,9 +304,9 @@ def test_report_step_pass_fail_and_worst_candidate(tmp_path: Path, paper_rows: d
     lines = proc.stdout.splitlines()
     errors = [ln for ln in lines if ln.startswith("::error ")]
     notices = [ln for ln in lines if ln.startswith("::notice ")]
-    assert len(errors) == 1 and "title=quantsafe gate failed%3A qwen2.5-1.5b-GPTQ::" in errors[0]
+    assert len(errors) == 1 and "title=quantsafe gate failed%3A paper_qwen2.5-1.5b-GPTQ::" in errors[0]
     assert "HIGH, RTSI 0.7864" in errors[0]
-    assert len(notices) == 1 and "qwen2.5-1.5b-Q8_0" in notices[0]
+    assert len(notices) == 1 and "paper_qwen2.5-1.5b-Q8_0" in notices[0]
 
 
 def test_report_step_pass_alone_exits_zero(tmp_path: Path, paper_rows: dict) -> None:
@@ -315,7 +316,7 @@ def test_report_step_pass_alone_exits_zero(tmp_path: Path, paper_rows: dict) -> 
     assert proc.returncode == 0, proc.stderr
     assert (outputs["verdict"], outputs["band"]) == ("pass", "LOW")
     assert float(outputs["rtsi"]) == pytest.approx(result.record["screening"]["rtsi"], abs=1e-6)
-    assert f"| phi-2-Q8_0 | 🟢 LOW | {result.record['screening']['rtsi']:.4f} |" in summary
+    assert f"| paper_phi-2-Q8_0 | 🟢 LOW | {result.record['screening']['rtsi']:.4f} |" in summary
     assert "::error" not in proc.stdout
 
 
@@ -329,12 +330,12 @@ def test_report_step_insufficient_data_exits_three(tmp_path: Path, paper_rows: d
     assert proc.returncode == 3, proc.stderr
     assert outputs["verdict"] == "insufficient"
     assert outputs["band"] == "" and outputs["rtsi"] == ""
-    assert outputs["worst-candidate"] == "mistral-7b-Q4_K_M"
-    assert "| mistral-7b-Q4_K_M | ⚪ insufficient | — |" in summary
+    assert outputs["worst-candidate"] == "paper_mistral-7b-Q4_K_M"
+    assert "| paper_mistral-7b-Q4_K_M | ⚪ insufficient | — |" in summary
     assert "No contribution chart" in summary
     assert summary.count("xychart-beta") == 1  # only the scored candidate
-    assert passed.record["candidate"]["artifact"]["name"] in summary
-    assert "title=quantsafe insufficient data%3A mistral-7b-Q4_K_M::" in proc.stdout
+    assert f"| {Path(passed.paths['record']).parent.name} | 🟢 LOW |" in summary
+    assert "title=quantsafe insufficient data%3A paper_mistral-7b-Q4_K_M::" in proc.stdout
 
 
 def test_report_fails_closed_on_missing_records_and_failed_suite(tmp_path: Path, paper_rows: dict) -> None:
@@ -417,6 +418,38 @@ def test_bundles_and_release_staging(tmp_path: Path, paper_rows: dict) -> None:
     assert (tmp_path / "release" / "paper_phi-2-Q8_0.record.json").read_bytes() == Path(a.paths["record"]).read_bytes()
 
 
+# --------------------------------------------------------------------------- environment steps
+
+
+def test_plan_and_install_steps_pick_extras_and_reuse_the_runner_image(tmp_path: Path) -> None:
+    import hashlib
+
+    job = CompositeRun(tmp_path, {"engine": "gguf", "sign": "true"})
+    planned = job.run("plan")
+    assert planned.returncode == 0, planned.stderr
+    plan = job.outputs["plan"]
+    assert plan["extras"] == "gguf,sign"
+    pyver = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    fingerprint = hashlib.sha256((REPO / "pyproject.toml").read_bytes()
+                                 + f"gguf,sign|{pyver}|-DGGML_CUDA=on".encode()).hexdigest()[:16]
+    assert plan["key"] == f"quantsafe-venv-Linux-X64-py{pyver}-{fingerprint}"
+    assert plan["venv"].endswith(f"/quantsafe-venv/{fingerprint}")
+    job.inputs.update(engine="openai", sign="false")
+    assert job.run("plan").returncode == 0 and job.outputs["plan"]["extras"] == ""
+    job.inputs.update(engine="vllm")
+    bad = job.run("plan")
+    assert bad.returncode == 2 and "::error title=quantsafe input engine::" in bad.stderr
+
+    # In the runner image (Dockerfile) the environment is already there: no venv, no pip.
+    job.inputs.update(engine="gguf")
+    (job.files / "env").write_text(f"QUANTSAFE_PREINSTALLED={sys.prefix}\n", encoding="utf-8")
+    installed = job.run("install")
+    assert installed.returncode == 0, installed.stderr
+    assert job.outputs["install"]["python"] == f"{sys.prefix}/bin/python"
+    assert (job.files / "path").read_text(encoding="utf-8").split() == [f"{sys.prefix}/bin"]
+    assert not Path(plan["venv"]).exists()
+
+
 # --------------------------------------------------------------------------- the whole composite job
 
 
@@ -471,9 +504,9 @@ def test_prepare_gate_report_steps_on_manifests(tmp_path: Path, paper_rows: dict
     summary = job.summary
     assert f"Gate suite: {len(cells)} tests, {0 if exit_code == 0 else 1} failed" in summary
     for record in records:
-        name = record["candidate"]["artifact"]["name"]
+        name = f"{record['candidate']['artifact']['name']}.json"  # the folder: the manifest's file name
         scored = record["screening"]["rtsi"]
-        row = rows_by_name[name]
+        row = rows_by_name[record["candidate"]["artifact"]["name"]]
         if scored is None:
             assert record["verdict"]["outcome"] == "insufficient"
             assert f"| {name} | ⚪ insufficient | — |" in summary
@@ -547,7 +580,9 @@ def test_whole_job_on_real_gguf_models_signs_and_verifies(tmp_path: Path, qwen_q
     assert outputs["band"] == record["screening"]["band"]
     assert float(outputs["rtsi"]) == pytest.approx(record["screening"]["rtsi"], abs=1e-6)
     summary = job.summary
-    name = record["candidate"]["artifact"]["name"]
+    name = record_path.parent.name
+    assert name == qwen_q4_k_m_gguf.name
+    assert f"Candidate `{name}` (" in summary and f"vs baseline `{baseline.name}` (" in summary
     assert f"| {name} | {BAND_EMOJI[outputs['band']]} {outputs['band']} | {record['screening']['rtsi']:.4f} |" \
         in summary
     assert chart_bars(summary, name) == pytest.approx(
