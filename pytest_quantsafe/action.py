@@ -139,6 +139,13 @@ def prepare(environ: Mapping[str, str], root: Path) -> dict[str, str]:
     sign = (_env(environ, "QS_SIGN") or "false").lower()
     if sign not in ("true", "false"):
         raise UsageError(f"sign must be true or false, got {sign!r}", where="input sign")
+    policy = _env(environ, "QS_POLICY")
+    if policy:
+        from pytest_quantsafe.policy import load_policy
+
+        # Fail here, naming the file, key and line, rather than as a pytest usage error later.
+        is_path = "/" in policy or policy.endswith((".yaml", ".yml"))
+        load_policy(root / policy if is_path and not os.path.isabs(policy) else policy)
     out = _env(environ, "QS_OUT")
     if not out:
         raise UsageError("no output folder given", where="QS_OUT")
@@ -207,11 +214,15 @@ def build_report(out_dir: Path, *, expected: int | None = None, pytest_exit: int
     if not results or missing:
         problems.append(f"{missing or expected or 'the'} candidate(s) produced no screening record in {out_dir}")
         code = worst_exit_code([code, EXIT_INSUFFICIENT])
-    if pytest_exit not in (None, 0) and code == EXIT_PASS:
-        # The records say pass but the suite did not: a gate test outside the records failed
-        # (pytest 1) or pytest itself could not run (2-5). Never report that as a pass.
-        problems.append(f"the gate suite exited {pytest_exit} although every record passed; failing closed")
-        code = EXIT_GATE_FAILED if pytest_exit == 1 else EXIT_USAGE
+    if pytest_exit not in (None, 0, 1):
+        # pytest 2-5: interrupted, internal error, usage error (a bad option, policy or probe
+        # file), no tests collected. The gate did not run as configured: a usage/input error.
+        problems.append(f"the gate suite could not run (pytest exited {pytest_exit}); see the gate step's log")
+        code = worst_exit_code([code, EXIT_USAGE])
+    elif pytest_exit == 1 and code == EXIT_PASS:
+        # The records say pass but a gate test failed outside them: never report a pass.
+        problems.append("the gate suite failed although every record passed; failing closed")
+        code = EXIT_GATE_FAILED
     for problem in problems:
         notes.append(annotation("error", problem, title="quantsafe"))
     verdict = {EXIT_PASS: "pass", EXIT_GATE_FAILED: "fail", EXIT_INSUFFICIENT: "insufficient"}.get(code, "error")

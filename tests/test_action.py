@@ -23,7 +23,7 @@ import yaml
 
 from pytest_quantsafe import action
 from pytest_quantsafe.action_summary import BAND_EMOJI, load_record
-from pytest_quantsafe.errors import InputError, UsageError
+from pytest_quantsafe.errors import InputError, PolicyError, UsageError
 from pytest_quantsafe.types import FEATURE_NAMES, LIMITS_SENTENCE, Artifact, RefusalProfile
 
 REPO = Path(__file__).resolve().parent.parent
@@ -241,6 +241,13 @@ def test_prepare_validates_inputs_and_exports_plugin_variables(tmp_path: Path) -
         action.prepare({**base, "QS_BASELINE": "  "}, tmp_path)
     with pytest.raises(InputError, match="no candidates"):
         action.prepare({**base, "QS_CANDIDATES": "# none\n"}, tmp_path)
+    with pytest.raises(PolicyError) as err:
+        action.prepare({**base, "QS_POLICY": "nonexistent-policy"}, tmp_path)
+    assert err.value.exit_code == 2
+    (tmp_path / "p.yaml").write_text("name: p\nfail_at: SOMETIMES\n", encoding="utf-8")
+    with pytest.raises(PolicyError) as err:
+        action.prepare({**base, "QS_POLICY": "p.yaml"}, tmp_path)
+    assert "p.yaml" in str(err.value.where) and "fail_at" in str(err.value.where)
     (tmp_path / "m.json").write_text("{}", encoding="utf-8")
     only_manifests = action.prepare({**base, "QS_BASELINE": "", "QS_CANDIDATES": "", "QS_MANIFESTS": "*.json"},
                                     tmp_path)
@@ -345,7 +352,7 @@ def test_report_fails_closed_on_missing_records_and_failed_suite(tmp_path: Path,
 
     proc, outputs, _ = run_report(out, 1, tmp_path, pytest_exit="1")
     assert proc.returncode == 1 and outputs["verdict"] == "fail"
-    assert "gate suite exited 1 although every record passed" in proc.stdout
+    assert "gate suite failed although every record passed" in proc.stdout
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -515,10 +522,31 @@ def test_prepare_gate_report_steps_on_manifests(tmp_path: Path, paper_rows: dict
         assert f"| {name} | {BAND_EMOJI[band]} {band} | {scored:.4f} |" in summary
         bars = chart_bars(summary, name)
         assert bars == pytest.approx([record["screening"]["contributions"][n] for n in FEATURE_NAMES], abs=5e-5)
-    if verdict != "pass":
+    if verdict == "pass":
+        # Signing binds the candidate's files; manifest evidence has none: fail, never ship unsigned.
+        job.inputs["sign"] = "true"
+        signed = job.run("sign")
+        assert signed.returncode == 2 and "names no candidate files" in signed.stderr
+        listed = job.run("bundles")
+        assert listed.returncode == 4 and "have no Sigstore bundle" in listed.stderr
+    else:
         title = "gate failed" if verdict == "fail" else "insufficient data"
         assert f"::error title=quantsafe {title}%3A {outputs['worst-candidate']}::" in report.stdout
     assert summary.rstrip().endswith(LIMITS_SENTENCE)
+
+
+def test_a_gate_that_cannot_run_is_a_usage_error(tmp_path: Path, paper_rows: dict) -> None:
+    """A misspelt pytest option in extra-args: pytest stops with a usage error, the job exits 2."""
+    write_manifest(tmp_path / "evidence", paper_rows, "phi-2", "Q8_0")
+    job = CompositeRun(tmp_path, {"manifests": "evidence/*.json", "extra-args": "-q --quantsafe-polcy strict",
+                                  "sign": "false"})
+    assert job.run("prepare").returncode == 0
+    assert job.run("gate").returncode == 0
+    assert job.outputs["gate"]["pytest-exit"] == "4"  # pytest's usage error
+    report = job.run("report")
+    assert report.returncode == 2, report.stdout
+    assert job.outputs["report"]["verdict"] == "error"
+    assert "the gate suite could not run" in job.summary
 
 
 # --------------------------------------------------------------------------- real GGUF models
