@@ -3,7 +3,7 @@
 #
 #   jobs.gate.container: {image: ghcr.io/OWNER/quantsafe-runner:0.1.0, options: --gpus all}
 #
-# The action sees QUANTSAFE_PREINSTALLED and uses this environment instead of building one.
+# With QUANTSAFE_PREINSTALLED=/opt/quantsafe in the job env the action uses this environment.
 # Build: docker build -t quantsafe-runner:0.1.0 .   (CUDA_ARCHITECTURES narrows the kernels)
 # quantsafe is a screen, not a certificate: see docs/action.md.
 

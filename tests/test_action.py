@@ -404,6 +404,8 @@ def test_bundles_and_release_staging(tmp_path: Path, paper_rows: dict) -> None:
     out = tmp_path / "out"
     a = screen_row(paper_rows, "phi-2", "Q8_0", out)
     b = screen_row(paper_rows, "phi-2", "Q6_K", out)
+    # Discovery and staging only (these records carry no files to sign); the slow test below
+    # signs a real record through sign.sh and verifies the bundle.
     bundle = Path(a.paths["record"]).parent / "record.sigstore.json"
     bundle.write_text("{}", encoding="utf-8")
     pairs = dict(action.find_bundles(out))
