@@ -1,0 +1,255 @@
+"""Generation throughput of a screening: our batched llama.cpp engine against the naive ways.
+
+One run, same probes, same model, same greedy settings, generation time only (model
+loading is timed apart):
+
+  (a) quantsafe's gguf engine: many sequences per llama_decode, in its worker process;
+  (b) llama-cpp-python one prompt at a time with ``create_chat_completion``;
+  (c) a plain transformers ``generate`` loop one prompt at a time (the GGUF loaded with
+      ``gguf_file=``, fp32 on CPU).
+
+Then early exit's saving on a compliant model (SmolLM2-135M) and, with ``--full``, the
+generation time of a full default-probe screening of one candidate (the baseline is
+cached, so that is the candidate's generation) for SmolLM2-135M and Qwen 0.5B.
+
+    .venv/bin/python benchmarks/screen_throughput.py [--probes 16] [--max-new-tokens 48]
+        [--threads 1] [--full] [--write docs/benchmarks.md]
+
+The results, with machine details and the exact command, replace the "engine" section
+of docs/benchmarks.md when ``--write`` is given. Speed figures belong here, never in
+timed tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pytest_quantsafe import zoo  # noqa: E402
+from pytest_quantsafe.backends import llamacpp  # noqa: E402
+from pytest_quantsafe.probes import load_probes, select  # noqa: E402
+from pytest_quantsafe.refusal import label  # noqa: E402
+from pytest_quantsafe.types import GenerationConfig, Probe  # noqa: E402
+
+SECTION_START = "<!-- engine-benchmark:start -->"
+SECTION_END = "<!-- engine-benchmark:end -->"
+
+
+@dataclass
+class Run:
+    """One way of generating the probe set, and what it cost."""
+
+    name: str
+    tokens: int
+    seconds: float
+    load_seconds: float
+    refusals: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def machine() -> dict[str, str]:
+    """Return CPU model, core count, load average and library versions."""
+    model = "unknown"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        match = re.search(r"Model name:\s*(.+)", out)
+        model = match.group(1).strip() if match else model
+    except OSError:
+        pass
+    import importlib.metadata as md
+
+    def ver(dist: str) -> str:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return "absent"
+
+    return {
+        "cpu": model, "cores": str(os.cpu_count()), "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "python": platform.python_version(), "llama-cpp-python": ver("llama-cpp-python"),
+        "torch": ver("torch"), "transformers": ver("transformers"),
+    }
+
+
+def run_ours(path: Path, probes: Sequence[Probe], cfg: GenerationConfig, threads: int, early_exit: bool,
+             name: str) -> Run:
+    """Return the batched engine's run (the worker is started and the model loaded before timing)."""
+    engine = llamacpp.create(threads=threads, early_exit=early_exit)
+    try:
+        art = engine.resolve(str(path))
+        t0 = time.perf_counter()
+        engine.generate(art, probes[:1], GenerationConfig(max_new_tokens=1, batch_size=1))
+        load = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = engine.generate(art, probes, cfg)
+        seconds = time.perf_counter() - t0
+    finally:
+        engine.close()
+    return Run(name, sum(c.n_tokens for c in out), seconds, load, sum(bool(c.is_refusal) for c in label(out)))
+
+
+def run_llama_cpp_sequential(path: Path, probes: Sequence[Probe], cfg: GenerationConfig, threads: int) -> Run:
+    """Return llama-cpp-python's run, one ``create_chat_completion`` per probe."""
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    llm = Llama(model_path=str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads, seed=cfg.seed,
+                n_gpu_layers=0, verbose=False)
+    load = time.perf_counter() - t0
+    tokens = refusals = 0
+    from pytest_quantsafe.refusal import PatternDetector
+
+    detector = PatternDetector()
+    t0 = time.perf_counter()
+    for probe in probes:
+        res = llm.create_chat_completion(messages=[{"role": "user", "content": probe.prompt}], temperature=0.0,
+                                         max_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        tokens += int(res["usage"]["completion_tokens"])
+        refusals += detector.is_refusal(res["choices"][0]["message"]["content"] or "")
+    seconds = time.perf_counter() - t0
+    llm.close()
+    return Run("llama-cpp-python, one prompt at a time (create_chat_completion)", tokens, seconds, load, refusals)
+
+
+def run_transformers_sequential(path: Path, probes: Sequence[Probe], cfg: GenerationConfig, threads: int) -> Run:
+    """Return a plain transformers ``generate`` loop's run (GGUF dequantized to fp32, one prompt at a time)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pytest_quantsafe.refusal import PatternDetector
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model.eval()
+    load = time.perf_counter() - t0
+    detector = PatternDetector()
+    tokens = refusals = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for probe in probes:
+            ids = tok.apply_chat_template([{"role": "user", "content": probe.prompt}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)
+            out = model.generate(**ids, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.eos_token_id)
+            new = out[0, ids["input_ids"].shape[1]:].tolist()
+            eos = {tok.eos_token_id, *(getattr(model.generation_config, "eos_token_id", None) or [])} \
+                if isinstance(getattr(model.generation_config, "eos_token_id", None), list) else {tok.eos_token_id}
+            n = next((i for i, t in enumerate(new) if t in eos), len(new))
+            tokens += n
+            refusals += detector.is_refusal(tok.decode(new[:n], skip_special_tokens=True))
+    seconds = time.perf_counter() - t0
+    return Run("transformers generate, one prompt at a time (fp32)", tokens, seconds, load, refusals)
+
+
+def table(runs: Sequence[Run], reference: Run) -> list[str]:
+    """Return Markdown rows for ``runs`` with each one's speed relative to ``reference``."""
+    rows = ["| engine | tokens | wall s (generation) | tokens/s | load s | pattern refusals | ours ÷ this |",
+            "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        ratio = reference.tokens_per_s / r.tokens_per_s if r.tokens_per_s else float("nan")
+        rows.append(f"| {r.name} | {r.tokens} | {r.seconds:.1f} | {r.tokens_per_s:.1f} | {r.load_seconds:.1f} "
+                    f"| {r.refusals} | {ratio:.2f}× |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print the results, and optionally write them into docs/benchmarks.md."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="qwen", help="packaged source (qwen, smollm2) or a .gguf path")
+    ap.add_argument("--probes", type=int, default=16, help="probes in the comparison (stratified subset)")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=llamacpp.default_threads())
+    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--full", action="store_true", help="also time full default-probe screenings (135M, 0.5B)")
+    ap.add_argument("--write", type=Path, help="replace the engine section of this Markdown file")
+    args = ap.parse_args(argv)
+    command = "  ".join([".venv/bin/python benchmarks/screen_throughput.py", *(argv or sys.argv[1:])]).strip()
+
+    path = zoo.fetch(zoo.SOURCE_ALIASES[args.model]) if args.model in zoo.SOURCE_ALIASES else Path(args.model)
+    default = load_probes()
+    n_benign = args.probes // 4
+    probes = list(select(default, args.probes - n_benign, n_benign).items)
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    info = machine()
+    print(f"machine: {info}", file=sys.stderr)
+    print(f"model {path.name}; {len(probes)} probes; {cfg}; threads {args.threads}", file=sys.stderr)
+
+    ours = run_ours(path, probes, cfg, args.threads, False, f"quantsafe gguf engine, batched ({args.batch_size} seqs)")
+    print(f"ours: {ours}", file=sys.stderr)
+    runs = [ours, run_llama_cpp_sequential(path, probes, cfg, args.threads)]
+    print(f"llama-cpp-python: {runs[-1]}", file=sys.stderr)
+    if not args.skip_transformers:
+        runs.append(run_transformers_sequential(path, probes, cfg, args.threads))
+        print(f"transformers: {runs[-1]}", file=sys.stderr)
+
+    smol = zoo.fetch("smollm2-135m-q4_1")
+    ee_cfg = GenerationConfig(max_new_tokens=96, batch_size=args.batch_size)
+    ee_probes = list(default.items)
+    full_off = run_ours(smol, ee_probes, ee_cfg, args.threads, False, "SmolLM2-135M Q4_1, early exit off")
+    full_on = run_ours(smol, ee_probes, ee_cfg, args.threads, True, "SmolLM2-135M Q4_1, early exit on")
+    print(f"early exit: {full_off} / {full_on}", file=sys.stderr)
+
+    screens: list[Run] = []
+    if args.full:
+        for source in ("smollm2", "qwen"):
+            cand = zoo.build_variant(source, "Q2_K")
+            screens.append(run_ours(cand, ee_probes, ee_cfg, args.threads, True,
+                                    f"{cand.name}: all {len(ee_probes)} default probes, early exit on"))
+            print(f"full screen: {screens[-1]}", file=sys.stderr)
+
+    lines = [SECTION_START, "## Engine throughput (`benchmarks/screen_throughput.py`)", "",
+             f"Command: `{command}`", "",
+             f"Machine: {info['cpu']}, {info['cores']} cores, load average at start {info['load']}; "
+             f"Python {info['python']}, llama-cpp-python {info['llama-cpp-python']} (portable build), "
+             f"torch {info['torch']}, transformers {info['transformers']}. Other engineers' jobs shared the "
+             "CPUs, so absolute figures are noisy; the ratios are the point.", "",
+             f"### Same probes, same model: {path.name}, {len(probes)} probes (stratified from the default set), "
+             f"greedy, ≤ {cfg.max_new_tokens} new tokens, {args.threads} thread(s)", "",
+             *table(runs, ours), "",
+             "Generation time only; loading is the separate column. transformers dequantizes the GGUF to fp32.", "",
+             f"### Early exit on a compliant model (all {len(ee_probes)} default probes, ≤ 96 tokens)", "",
+             "| run | tokens generated | wall s | pattern refusals |", "|---|---|---|---|",
+             *(f"| {r.name} | {r.tokens} | {r.seconds:.1f} | {r.refusals} |" for r in (full_off, full_on)), "",
+             f"Saving: {100 * (1 - full_on.tokens / max(full_off.tokens, 1)):.0f}% of generated tokens, "
+             f"{100 * (1 - full_on.seconds / max(full_off.seconds, 1e-9)):.0f}% of wall time; the refusal count "
+             "is the same by construction (refusals are never cut).", ""]
+    if screens:
+        lines += ["### Full default-probe screening of one candidate (baseline cached)", "",
+                  "| candidate generation | tokens | wall s | pattern refusals |", "|---|---|---|---|",
+                  *(f"| {r.name} | {r.tokens} | {r.seconds + r.load_seconds:.1f} (load {r.load_seconds:.1f}) "
+                    f"| {r.refusals} |" for r in screens), "",
+                  "Wall time includes starting the worker and loading the model; scoring and writing the record "
+                  "take well under a second on top.", ""]
+    lines.append(SECTION_END)
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        old = args.write.read_text() if args.write.exists() else "# Benchmarks\n"
+        if SECTION_START in old and SECTION_END in old:
+            new = old[:old.index(SECTION_START)] + text + old[old.index(SECTION_END) + len(SECTION_END):]
+        else:
+            new = old.rstrip("\n") + "\n\n" + text + "\n"
+        args.write.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
