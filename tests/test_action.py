@@ -565,7 +565,7 @@ def _has_llama_cpp() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_llama_cpp(), reason="llama-cpp-python is not installed ([gguf] extra)")
 def test_whole_job_on_real_gguf_models_signs_and_verifies(tmp_path: Path, qwen_q4_k_m_gguf: Path) -> None:
-    """prepare -> gate -> report -> sign (key mode) -> bundles on real llama.cpp screenings, then verify."""
+    """prepare -> gate -> report -> sign -> bundles on real llama.cpp screenings; key mode and keyless verify."""
     from pytest_quantsafe import attest, zoo
     from pytest_quantsafe.probes import load_probes, select
     from pytest_quantsafe.verify import verify_with_key
@@ -630,3 +630,31 @@ def test_whole_job_on_real_gguf_models_signs_and_verifies(tmp_path: Path, qwen_q
     staged = action.stage_release(Path(job.outputs["prepare"]["out"]), tmp_path / "release")
     assert sorted(p.name for p in staged) == [f"{record_path.parent.name}.record.dsse.json",
                                               f"{record_path.parent.name}.record.json"]
+
+    # Keyless, as on GitHub with `id-token: write`: the runner's OIDC token endpoint, Fulcio and
+    # Rekor are the in-process Sigstore of tests/sigstore_fakes.py (real cryptography, 127.0.0.1).
+    from sigstore_fakes import GITHUB_ISSUER, FakeSigstore
+
+    from pytest_quantsafe.verify import SignerPolicy, verify_keyless
+
+    fake = FakeSigstore()
+    try:
+        repo, ref = "quantsafe/models", "refs/heads/main"
+        (tmp_path / "trust_config.json").write_text(json.dumps(fake.trust_config()), encoding="utf-8")
+        (tmp_path / "trusted_root.json").write_text(json.dumps(fake.trusted_root()), encoding="utf-8")
+        with open(job.files / "env", "a", encoding="utf-8") as fh:
+            fh.write(f"ACTIONS_ID_TOKEN_REQUEST_URL={fake.url}/github-token?repo={repo}&ref={ref}\n"
+                     "ACTIONS_ID_TOKEN_REQUEST_TOKEN=runner-secret\n")
+        job.inputs.update({"signing-key": "", "sigstore-trust-config": str(tmp_path / "trust_config.json")})
+        signed = job.run("sign")
+        assert signed.returncode == 0, signed.stdout + signed.stderr
+        assert "GET /github-token" in fake.requests and "POST /api/v1/log/entries" in fake.requests
+    finally:
+        fake.close()
+    assert job.run("bundles").returncode == 0
+    keyless = Path(job.outputs["bundles"]["bundles"])
+    assert keyless == record_path.parent / "record.sigstore.json"
+    pinned = SignerPolicy(issuer=GITHUB_ISSUER, repository=repo, workflow=".github/workflows/release.yml", ref=ref)
+    result = verify_keyless(keyless, [models / qwen_q4_k_m_gguf.name], pinned,
+                            trusted_root=tmp_path / "trusted_root.json")
+    assert (result.band, result.outcome) == (record["screening"]["band"], record["verdict"]["outcome"])

@@ -12,6 +12,11 @@ while IFS= read -r record; do
   if [ -n "${QS_SIGNING_KEY:-}" ]; then
     quantsafe attest "$record" --artifact "${files[@]}" --key "$QS_SIGNING_KEY" --out "$folder/record.dsse.json"
   else
-    quantsafe attest "$record" --artifact "${files[@]}" --keyless --out "$folder/record.sigstore.json"
+    trust=()
+    if [ -n "${QS_TRUST_CONFIG:-}" ]; then
+      trust=(--trust-config "$QS_TRUST_CONFIG")
+    fi
+    quantsafe attest "$record" --artifact "${files[@]}" --keyless "${trust[@]}" \
+      --out "$folder/record.sigstore.json"
   fi
 done <<< "${QS_RECORDS:?}"
