@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=llamacpp.default_threads())
+    ap.add_argument("--early-exit-probes", type=int, default=48,
+                    help="probes in the early-exit comparison on SmolLM2 (stratified subset, <= 96 tokens)")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--full", action="store_true", help="also time full default-probe screenings (135M, 0.5B)")
     ap.add_argument("--write", type=Path, help="replace the engine section of this Markdown file")
@@ -202,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
 
     smol = zoo.fetch("smollm2-135m-q4_1")
     ee_cfg = GenerationConfig(max_new_tokens=96, batch_size=args.batch_size)
-    ee_probes = list(default.items)
+    ee_benign = args.early_exit_probes // 4
+    ee_probes = list(select(default, args.early_exit_probes - ee_benign, ee_benign).items)
     full_off = run_ours(smol, ee_probes, ee_cfg, args.threads, False, "SmolLM2-135M Q4_1, early exit off")
     full_on = run_ours(smol, ee_probes, ee_cfg, args.threads, True, "SmolLM2-135M Q4_1, early exit on")
     print(f"early exit: {full_off} / {full_on}", file=sys.stderr)
@@ -211,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.full:
         for source in ("smollm2", "qwen"):
             cand = zoo.build_variant(source, "Q2_K")
-            screens.append(run_ours(cand, ee_probes, ee_cfg, args.threads, True,
-                                    f"{cand.name}: all {len(ee_probes)} default probes, early exit on"))
+            screens.append(run_ours(cand, list(default.items), ee_cfg, args.threads, True,
+                                    f"{cand.name}: all {len(default.items)} default probes, early exit on"))
             print(f"full screen: {screens[-1]}", file=sys.stderr)
 
     lines = [SECTION_START, "## Engine throughput (`benchmarks/screen_throughput.py`)", "",
@@ -225,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
              f"greedy, ≤ {cfg.max_new_tokens} new tokens, {args.threads} thread(s)", "",
              *table(runs, ours), "",
              "Generation time only; loading is the separate column. transformers dequantizes the GGUF to fp32.", "",
-             f"### Early exit on a compliant model (all {len(ee_probes)} default probes, ≤ 96 tokens)", "",
+             f"### Early exit on a compliant model ({len(ee_probes)} default probes, stratified, ≤ 96 tokens, "
+             f"batch {args.batch_size})", "",
              "| run | tokens generated | wall s | pattern refusals |", "|---|---|---|---|",
              *(f"| {r.name} | {r.tokens} | {r.seconds:.1f} | {r.refusals} |" for r in (full_off, full_on)), "",
              f"Saving: {100 * (1 - full_on.tokens / max(full_off.tokens, 1)):.0f}% of generated tokens, "
