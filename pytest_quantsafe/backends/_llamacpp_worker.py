@@ -26,8 +26,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, Sequence
+from typing import IO, Any
 
 from pytest_quantsafe.refusal import normalize
 
@@ -228,7 +229,11 @@ class _Model:
     # -- generation
 
     def generate(self, request: dict[str, Any], send: Any) -> dict[str, Any]:
-        """Decode every item, several sequences per ``llama_decode``; report each as it ends."""
+        """Decode every item, several sequences per ``llama_decode``; report each as it ends.
+
+        Returns token and time totals. Decoding is greedy (argmax of each sequence's
+        logits, first index on ties), so the request's seed has nothing to draw.
+        """
         import numpy as np
 
         lib = self.lib
@@ -236,7 +241,7 @@ class _Model:
         max_new = int(request["max_new_tokens"])
         batch_size = max(1, int(request.get("batch_size") or 1))
         early_exit = bool(request.get("early_exit", False))
-        openers: list[str] = list(request.get("openers") or [])
+        openers = [normalize(o) for o in request.get("openers") or []]
         stop_strings = [s.encode("utf-8") for s in request.get("stop_strings") or [] if s]
         tokenized = [(it["id"], self.tokenize(it["prompt"])) for it in items]
         if not tokenized:
@@ -245,6 +250,7 @@ class _Model:
         n_seq = min(batch_size, len(tokenized))
         n_batch = max(512, longest + n_seq)
         self.ensure_context(n_seq, longest + max_new + 1, n_batch)
+        assert self.batch is not None and self.ctx is not None
         memory = lib.llama_get_memory(self.ctx)
         lib.llama_memory_clear(memory, True)
 
@@ -287,7 +293,7 @@ class _Model:
             rc = lib.llama_decode(self.ctx, batch)
             if rc != 0:
                 raise RuntimeError(f"llama_decode returned {rc} (KV cache full or bad batch)")
-            for seq in list(active):
+            for seq in active:
                 logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, seq.logits_index),
                                                shape=(self.n_vocab,))
                 token = int(np.argmax(logits))  # greedy: the first index of the maximum
@@ -351,7 +357,7 @@ def serve(channel: _Channel, stdin: IO[str]) -> int:
                 break
             else:
                 raise RuntimeError(f"unknown op {op!r}")
-        except Exception as exc:  # reported to the parent, which raises EngineError
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises EngineError
             channel.send({"event": "error", "kind": type(exc).__name__, "message": str(exc)})
     if model is not None:
         model.close()
