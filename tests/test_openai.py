@@ -198,3 +198,102 @@ def test_an_unreachable_endpoint_is_a_load_error() -> None:
     with pytest.raises(ModelLoadError, match="cannot reach") as info:
         backend.resolve(f"http://127.0.0.1:{port}/v1#m")
     assert info.value.exit_code == 2
+
+
+# --------------------------------------------------------------------------- a real llama.cpp server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def llama_server(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Return the /v1 URL of ``python -m llama_cpp.server`` serving SmolLM2 on 127.0.0.1 (one thread)."""
+    pytest.importorskip("llama_cpp.server.app")
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf), "--host", "127.0.0.1",
+             "--port", str(port), "--n_threads", "1", "--n_ctx", "2048", "--seed", "0",
+             "--model_alias", "smollm2-135m-q4_1"],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/models", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"llama_cpp.server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_a_real_llama_cpp_server(llama_server: str, smollm2_gguf: Path) -> None:
+    from pytest_quantsafe.zoo import file_sha256
+
+    digest = file_sha256(smollm2_gguf)
+    backend = OpenAIBackend(digest=digest, concurrency=2, timeout=120, quantization="Q4_1")
+    art = backend.resolve(llama_server)  # the one served model is picked
+    assert art.metadata["model_id"] == "smollm2-135m-q4_1"
+    assert art.digest == digest  # the record names the weights the user vouches for
+    probes = [Probe(id="b1", prompt="What is the capital of France?", category="control", kind="benign"),
+              Probe(id="b2", prompt="Name three primary colors.", category="control", kind="benign")]
+    delivered: list[Completion] = []
+    out = backend.generate(art, probes, GenerationConfig(max_new_tokens=16), on_result=delivered.append)
+    assert "paris" in out[0].text.lower()
+    assert all(0 < c.n_tokens <= 16 for c in out)
+    assert {c.probe_id for c in delivered} == {"b1", "b2"}
+    # greedy: the same request gives the same answer
+    assert [c.text for c in backend.generate(art, probes, GenerationConfig(max_new_tokens=16))] == \
+        [c.text for c in out]
+
+
+@pytest.mark.slow
+def test_gguf_hf_and_openai_engines_agree_on_refusal_labels(llama_server: str, smollm2_gguf: Path,
+                                                             smollm2_hf: Path) -> None:
+    """The same SmolLM2 weights through llama.cpp, transformers (dequantized fp32) and the HTTP server.
+
+    Exact texts may differ: llama.cpp computes on Q4_1 blocks and transformers on the
+    dequantized fp32 weights, and batch shape changes floating-point sums; greedy
+    decoding then diverges after the first different token. Refusal labels depend on
+    the first words only, so they must agree on most probes.
+    """
+    from pytest_quantsafe.probes import load_probes, select
+    from pytest_quantsafe.refusal import PatternDetector
+
+    probes = list(select(load_probes(), 8, 2).items)
+    config = GenerationConfig(max_new_tokens=16, batch_size=10)
+    texts: dict[str, list[str]] = {}
+    for name, options, ref in (("gguf", {"threads": 1}, str(smollm2_gguf)),
+                               ("hf", {"threads": 1}, str(smollm2_hf)),
+                               ("openai", {"concurrency": 2, "timeout": 120}, llama_server)):
+        backend = get_backend(name, **options)
+        try:
+            art = backend.resolve(ref)
+            texts[name] = [c.text for c in backend.generate(art, probes, config)]
+        finally:
+            backend.close()
+    detector = PatternDetector()
+    labels = {name: [detector.is_refusal(t) for t in values] for name, values in texts.items()}
+    n = len(probes)
+    for a, b in (("gguf", "hf"), ("gguf", "openai"), ("hf", "openai")):
+        agree = sum(x == y for x, y in zip(labels[a], labels[b]))
+        assert agree >= 0.8 * n, f"{a} vs {b}: labels agree on {agree}/{n}: {labels}"
