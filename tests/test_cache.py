@@ -292,3 +292,38 @@ def test_two_processes_on_one_key_never_tear_lines(tmp_path: Path, probes: tuple
     assert len(lines) == 2 * len(probes)
     assert len(cache.load(key)) == len(probes) and cache.stats.corrupt == 0
 
+
+
+# --------------------------------------------------------------------------- a real model
+
+
+@pytest.mark.slow
+def test_real_completions_round_trip_and_a_rerun_generates_nothing(tmp_path: Path, smollm2_gguf: Path) -> None:
+    """Completions of a real GGUF model, cached as the engine reports them, come back byte-identical."""
+    from pytest_quantsafe.backends.base import get_backend
+
+    subset = select(load_probes(), n_harmful=4, n_benign=2)
+    config = GenerationConfig(max_new_tokens=24, batch_size=6)
+    backend = get_backend("gguf", threads=1)
+    try:
+        artifact = backend.resolve(str(smollm2_gguf))
+        cache = CompletionCache(tmp_path / "completions")
+        key = cache.key(artifact.digest, subset.digest, config, backend.engine_id(), {"early_exit": False})
+        assert cache.lookup(key, subset.items) == ({}, list(subset.items))
+        generated = backend.generate(artifact, subset.items, config, on_result=lambda c: cache.append(key, c))
+    finally:
+        backend.close()
+    assert len(generated) == 6 and all(c.text.strip() and c.n_tokens > 0 for c in generated)
+    assert cache.stats.appended == 6
+    rerun = CompletionCache(tmp_path / "completions")
+    cached, missing = rerun.lookup(key, subset.items)
+    assert missing == [] and (rerun.stats.hits, rerun.stats.misses, rerun.stats.corrupt) == (6, 0, 0)
+    assert [cached[p.id] for p in subset.items] == generated
+    meta = rerun.meta(key)
+    assert meta is not None and meta["artifact_digest"] == artifact.digest == smollm2_digest()
+
+
+def smollm2_digest() -> str:
+    from pytest_quantsafe import zoo
+
+    return zoo.MODELS["smollm2-135m-q4_1"].sha256
