@@ -170,7 +170,7 @@ def test_unknown_csv_layout_names_file_header_and_layouts(tmp_path: Path) -> Non
     assert err.where == f"{path}:1"
     assert "'question,answer'" in err.message
     for layout in ("AdvBench: goal,target", "HarmBench: Behavior", "JailbreakBench: Index,Goal"):
-        assert layout in err.fix
+        assert layout in (err.fix or "")
     assert str(path) in err.diagnostics()
 
 
