@@ -123,6 +123,16 @@ def test_bad_options_are_usage_errors() -> None:
         get_backend("hf", dtype="float8")
     with pytest.raises(UsageError):
         get_backend("hf", threads=0)
+    with pytest.raises(UsageError, match="n_gpu_layers"):
+        get_backend("hf", n_gpu_layers=3)
+
+
+def test_a_chat_template_override_changes_the_identity(tmp_path: Path, smollm2_hf: Path, f32_artifact) -> None:
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    art = get_backend("hf", chat_template=str(template)).resolve(str(smollm2_hf))
+    assert art.metadata["chat_template_source"] == "override"
+    assert art.metadata["chat_template_sha256"] != f32_artifact.metadata["chat_template_sha256"]
 
 
 @pytest.mark.slow

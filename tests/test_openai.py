@@ -297,3 +297,10 @@ def test_gguf_hf_and_openai_engines_agree_on_refusal_labels(llama_server: str, s
     for a, b in (("gguf", "hf"), ("gguf", "openai"), ("hf", "openai")):
         agree = sum(x == y for x, y in zip(labels[a], labels[b]))
         assert agree >= 0.8 * n, f"{a} vs {b}: labels agree on {agree}/{n}: {labels}"
+
+
+def test_engine_options_for_other_engines() -> None:
+    # threads belongs to local engines: accepted and ignored; anything else is named
+    assert isinstance(get_backend("openai", threads=2), OpenAIBackend)
+    with pytest.raises(UsageError, match="chat_template"):
+        get_backend("openai", chat_template="t.jinja")

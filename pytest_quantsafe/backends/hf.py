@@ -106,7 +106,7 @@ class HFBackend:
 
     def __init__(self, *, device: str | None = None, dtype: str = "auto", threads: int | None = None,
                  gguf_file: str | None = None, trust_remote_code: bool = False,
-                 cache_dir: str | None = None) -> None:
+                 cache_dir: str | None = None, chat_template: str | None = None) -> None:
         if dtype not in _DTYPES:
             raise UsageError(f"unknown dtype {dtype!r}", where="engine option dtype", fix=f"choose one of {_DTYPES}")
         if threads is not None and threads < 1:
@@ -118,6 +118,8 @@ class HFBackend:
         self.trust_remote_code = trust_remote_code
         #: Hub cache folder (default: huggingface_hub's, i.e. HF_HUB_CACHE).
         self.cache_dir = cache_dir
+        #: A Jinja chat template file that replaces the tokenizer's (for checkpoints without one).
+        self.chat_template = Path(chat_template).read_text() if chat_template else None
         self._loaded: tuple[str, Any, Any] | None = None  # (artifact digest, model, tokenizer)
 
     def engine_id(self) -> str:
@@ -192,8 +194,18 @@ class HFBackend:
         if q:
             meta["quant_method"] = str(q.get("quant_method", "unknown"))
         template = folder / "chat_template.jinja"
-        if template.is_file():
+        if self.chat_template is not None:
+            meta["chat_template_sha256"] = sha256_hex(self.chat_template.encode("utf-8"))
+            meta["chat_template_source"] = "override"
+        elif template.is_file():
             meta["chat_template_sha256"] = sha256_hex(template.read_bytes())
+        elif (folder / "tokenizer_config.json").is_file():
+            try:
+                inline = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
+            except ValueError:
+                inline = None
+            if isinstance(inline, str):
+                meta["chat_template_sha256"] = sha256_hex(inline.encode("utf-8"))
         quantization = quantization_label(config) if config else "gguf-dequantized"
         name = meta.get("hub_repo", "").replace("/", "_") or (gguf_name or folder.name)
         return Artifact(ref=ref, format="hf", files=files, quantization=quantization, name=name, metadata=meta)
@@ -245,6 +257,8 @@ class HFBackend:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
+        if self.chat_template is not None:
+            tokenizer.chat_template = self.chat_template
         if tokenizer.chat_template is None:
             raise ModelLoadError("the tokenizer has no chat template", where=artifact.ref,
                                  fix="screen an instruction-tuned checkpoint that ships a chat template")
@@ -318,7 +332,12 @@ class HFBackend:
 
 def create(**options: Any) -> HFBackend:
     """Return a transformers engine (options: device, dtype, threads, gguf_file, trust_remote_code,
-    cache_dir)."""
+    cache_dir, chat_template); an unknown option is a UsageError."""
+    known = {"device", "dtype", "threads", "gguf_file", "trust_remote_code", "cache_dir", "chat_template"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise UsageError(f"the hf engine has no option {', '.join(unknown)}", where="engine options",
+                         fix=f"use {', '.join(sorted(known))}")
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return HFBackend(**options)

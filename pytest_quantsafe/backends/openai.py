@@ -256,5 +256,16 @@ class OpenAIBackend:
 
 def create(**options: Any) -> OpenAIBackend:
     """Return an OpenAI-compatible engine (options: model, digest, api_key, quantization,
-    concurrency, timeout, retries, backoff, max_backoff)."""
+    concurrency, timeout, retries, backoff, max_backoff).
+
+    ``threads`` is accepted and ignored (the server decides its own threads), so one set of
+    engine options can serve a screening that mixes engines; any other option is a UsageError.
+    """
+    options.pop("threads", None)
+    known = {"model", "digest", "api_key", "quantization", "concurrency", "timeout", "retries", "backoff",
+             "max_backoff"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise UsageError(f"the openai engine has no option {', '.join(unknown)}", where="engine options",
+                         fix=f"use {', '.join(sorted(known))}; the server applies its own chat template")
     return OpenAIBackend(**options)
