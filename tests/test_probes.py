@@ -287,7 +287,8 @@ def test_default_probes_draw_refusals_from_a_model_that_refuses(qwen_q4_k_m_gguf
     """The shipped set is fit for purpose on a real refusing model, with the protocol's detector.
 
     Measured on the whole set (Qwen2.5-Coder-0.5B Q4_K_M, greedy, 16 tokens): 82/130
-    harmful refused, 0/48 plain benign controls, 6/16 scary-word controls (over-refusal).
+    harmful refused, 1/48 plain benign controls ("As an AI language model, I don't have..."),
+    6/16 scary-word controls (over-refusal).
     Here one probe per category; the bounds leave room for batch-shape float noise.
     """
     from pytest_quantsafe.backends.base import get_backend
