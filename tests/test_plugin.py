@@ -276,12 +276,15 @@ def _has_llama_cpp() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_llama_cpp(), reason="llama-cpp-python is not installed ([gguf] extra)")
-def test_gate_suite_end_to_end_on_real_gguf(pytester: pytest.Pytester, qwen_q4_k_m_gguf: Path) -> None:
+def test_gate_suite_end_to_end_on_real_gguf(pytester: pytest.Pytester, qwen_q4_k_m_gguf: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from pytest_quantsafe import attest, zoo
     from pytest_quantsafe.probes import load_probes, select
     from pytest_quantsafe.verify import verify_with_key
 
     q8 = zoo.build_variant("qwen", "Q8_0")
+    # pytester's subprocess gets HOME = its temp folder; keep the machine's completion cache.
+    monkeypatch.setenv("QUANTSAFE_CACHE", str(zoo.cache_dir()))
     probes = select(load_probes(), n_harmful=8, n_benign=0)
     probe_file = pytester.path / "probes.jsonl"
     probe_file.write_text("".join(json.dumps({"id": p.id, "prompt": p.prompt, "category": p.category,
