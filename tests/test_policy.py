@@ -240,6 +240,27 @@ def test_diff_reports_direction_per_key() -> None:
     assert back["max_benign_refusal_increase_pp"] == "loosens" and back["min_baseline_refusals"] == "loosens"
 
 
+def test_diff_marks_measurement_changes_for_review(tmp_path: Path) -> None:
+    old = load_policy(write(tmp_path, "name: a\ngeneration: {max_new_tokens: 96}\nfail_on_flags: [x_flag]\n", "a.yaml"))
+    new = load_policy(write(tmp_path, "name: b\ngeneration: {max_new_tokens: 48}\nfail_on_flags: [y_flag]\n"
+                            "probes: harm.csv\n", "b.yaml"))
+    changes = {c.key: (c.old, c.new, c.direction) for c in diff_policies(old, new)}
+    assert changes["generation.max_new_tokens"] == (96, 48, "changes")
+    assert changes["fail_on_flags"] == (["x_flag"], ["y_flag"], "changes")
+    assert changes["probes"] == (None, str(tmp_path / "harm.csv"), "changes")
+    assert diff_policies(old, old) == []
+
+
+def test_shipped_schema_is_a_valid_draft_2020_12_schema() -> None:
+    import json
+
+    import jsonschema
+
+    schema = json.loads((REPO / "pytest_quantsafe" / "schemas" / "policy.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema["additionalProperties"] is False
+
+
 def test_cli_policy_diff_and_check(tmp_path: Path) -> None:
     pol = REPO / "pytest_quantsafe" / "policies"
     run = [sys.executable, "-m", "pytest_quantsafe.cli", "policy"]
@@ -248,6 +269,9 @@ def test_cli_policy_diff_and_check(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "max_refusal_drop_pp: 10 -> 5  (tightens)" in out.stdout
     assert "7 tighten, 0 loosen" in out.stdout
+    loosen = subprocess.run(run + ["diff", "strict", "default", "--fail-on-loosen"], check=False,
+                            capture_output=True, text=True)
+    assert loosen.returncode == 1 and "review: this change loosens the release gate" in loosen.stdout
     ok = subprocess.run(run + ["check", str(pol / "strict.yaml")], check=False, capture_output=True, text=True)
     assert ok.returncode == 0 and "strict" in ok.stdout and "policy digest" in ok.stdout
     bad = write(tmp_path, "name: x\nfail_at: HIGH\nthreshold: 2\n")
