@@ -73,3 +73,12 @@ def smollm2_hf_variants(smollm2_hf: Path) -> dict[str, Path]:
     from pytest_quantsafe import zoo_hf
 
     return {v: zoo_hf.quantized_variant(smollm2_hf, v) for v in ("bnb-nf4", "bnb-int8")}
+
+
+@pytest.fixture(scope="session")
+def qwen_hf() -> Path:
+    """Return an fp32 HF checkpoint of Qwen2.5-Coder-0.5B dequantized from the packaged Q4_K_M (built once, ~4 min)."""
+    pytest.importorskip("transformers")
+    from pytest_quantsafe import zoo_hf
+
+    return zoo_hf.dequantized_checkpoint("qwen2.5-coder-0.5b-q4_k_m")

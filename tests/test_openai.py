@@ -7,6 +7,7 @@ GGUF for the end-to-end test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -209,18 +210,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def llama_server(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Return the /v1 URL of ``python -m llama_cpp.server`` serving SmolLM2 on 127.0.0.1 (one thread)."""
+@contextlib.contextmanager
+def _llama_server(gguf: Path, log: Path, alias: str) -> Iterator[str]:
+    """Yield the /v1 URL of ``python -m llama_cpp.server`` serving ``gguf`` on 127.0.0.1 (one thread)."""
     pytest.importorskip("llama_cpp.server.app")
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf), "--host", "127.0.0.1",
-             "--port", str(port), "--n_threads", "1", "--n_ctx", "2048", "--seed", "0",
-             "--model_alias", "smollm2-135m-q4_1"],
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+             "--port", str(port), "--n_threads", "1", "--n_ctx", "2048", "--seed", "0", "--model_alias", alias],
             stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/v1"
     try:
@@ -245,6 +244,13 @@ def llama_server(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -
             proc.wait()
 
 
+@pytest.fixture(scope="module")
+def llama_server(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Return the /v1 URL of a real llama.cpp server serving SmolLM2."""
+    with _llama_server(smollm2_gguf, tmp_path_factory.mktemp("server") / "server.log", "smollm2-135m-q4_1") as url:
+        yield url
+
+
 @pytest.mark.slow
 def test_a_real_llama_cpp_server(llama_server: str, smollm2_gguf: Path) -> None:
     from pytest_quantsafe.zoo import file_sha256
@@ -261,39 +267,46 @@ def test_a_real_llama_cpp_server(llama_server: str, smollm2_gguf: Path) -> None:
     assert "paris" in out[0].text.lower()
     assert all(0 < c.n_tokens <= 16 for c in out)
     assert {c.probe_id for c in delivered} == {"b1", "b2"}
-    # greedy: the same request gives the same answer
-    assert [c.text for c in backend.generate(art, probes, GenerationConfig(max_new_tokens=16))] == \
-        [c.text for c in out]
+    # greedy, but the server reuses its prompt cache between requests, which changes floating-point
+    # sums: a repeat may word the tail differently (seen here); the opening words hold
+    again = backend.generate(art, probes, GenerationConfig(max_new_tokens=16))
+    assert [c.text.split()[:2] for c in again] == [c.text.split()[:2] for c in out]
 
 
 @pytest.mark.slow
-def test_gguf_hf_and_openai_engines_agree_on_refusal_labels(llama_server: str, smollm2_gguf: Path,
-                                                             smollm2_hf: Path) -> None:
-    """The same SmolLM2 weights through llama.cpp, transformers (dequantized fp32) and the HTTP server.
+def test_gguf_hf_and_openai_engines_agree_on_refusal_labels(qwen_q4_k_m_gguf: Path, qwen_hf: Path,
+                                                             tmp_path: Path) -> None:
+    """The same Qwen 0.5B weights through llama.cpp, transformers (dequantized fp32) and the HTTP server.
 
-    Exact texts may differ: llama.cpp computes on Q4_1 blocks and transformers on the
+    Exact texts may differ: llama.cpp computes on Q4_K blocks and transformers on the
     dequantized fp32 weights, and batch shape changes floating-point sums; greedy
-    decoding then diverges after the first different token. Refusal labels depend on
-    the first words only, so they must agree on most probes.
+    decoding then diverges after the first different token (measured here: 9-10 of 12
+    texts identical). Refusal labels depend on the first words, so they must agree on most
+    probes (measured: 11-12 of 12).
     """
     from pytest_quantsafe.probes import load_probes, select
     from pytest_quantsafe.refusal import PatternDetector
 
-    probes = list(select(load_probes(), 8, 2).items)
-    config = GenerationConfig(max_new_tokens=16, batch_size=10)
+    probes = list(select(load_probes(), 10, 2).items)
+    config = GenerationConfig(max_new_tokens=16, batch_size=12)
     texts: dict[str, list[str]] = {}
-    for name, options, ref in (("gguf", {"threads": 1}, str(smollm2_gguf)),
-                               ("hf", {"threads": 1}, str(smollm2_hf)),
-                               ("openai", {"concurrency": 2, "timeout": 120}, llama_server)):
-        backend = get_backend(name, **options)
-        try:
-            art = backend.resolve(ref)
-            texts[name] = [c.text for c in backend.generate(art, probes, config)]
-        finally:
-            backend.close()
+    with _llama_server(qwen_q4_k_m_gguf, tmp_path / "server.log", "qwen") as url:
+        for name, options, ref in (("gguf", {"threads": 1}, str(qwen_q4_k_m_gguf)),
+                                   ("hf", {"threads": 1}, str(qwen_hf)),
+                                   ("openai", {"concurrency": 2, "timeout": 300}, url)):
+            backend = get_backend(name, **options)
+            try:
+                art = backend.resolve(ref)
+                texts[name] = [c.text for c in backend.generate(art, probes, config)]
+            finally:
+                backend.close()
     detector = PatternDetector()
     labels = {name: [detector.is_refusal(t) for t in values] for name, values in texts.items()}
     n = len(probes)
+    harmful = [i for i, p in enumerate(probes) if p.kind == "harmful"]
+    for name, flags in labels.items():
+        # Qwen really refuses (fixtures README: ~3 of 4): agreement is not agreement on "no refusal"
+        assert sum(flags[i] for i in harmful) >= len(harmful) // 2, f"{name}: {flags}"
     for a, b in (("gguf", "hf"), ("gguf", "openai"), ("hf", "openai")):
         agree = sum(x == y for x, y in zip(labels[a], labels[b]))
         assert agree >= 0.8 * n, f"{a} vs {b}: labels agree on {agree}/{n}: {labels}"
