@@ -150,5 +150,5 @@ def test_table_lists_band_rtsi_rates_and_verdict(default_policy) -> None:
     header, rule, row = table.splitlines()
     assert header.split()[:3] == ["candidate", "band", "RTSI"]
     assert set(rule.replace(" ", "")) == {"-"}
-    assert row.split()[:3] == ["candidate", "LOW", "0.000"]
+    assert row.split()[:3] == ["external_candidate", "LOW", "0.000"]
     assert "75% [" in row and "-> 75% [" in row and row.endswith("pass")

@@ -130,6 +130,8 @@ def _interval(profile: Any) -> str:
 
 def format_table(results: Sequence[ScreeningResult]) -> str:
     """Return the per-candidate table: candidate, band, RTSI, refusal rate baseline -> candidate, verdict."""
+    from pytest_quantsafe.screen import output_name
+
     header = ("candidate", "band", "RTSI", "refusal baseline -> candidate (95% CI)", "verdict")
     rows = [header]
     for r in results:
@@ -137,7 +139,7 @@ def format_table(results: Sequence[ScreeningResult]) -> str:
         band = s.band or s.status
         rtsi = f"{s.rtsi:.3f}" if s.rtsi is not None else "-"
         flags = f" ({', '.join(s.flags)})" if s.flags else ""
-        rows.append((r.candidate.name, band + flags, rtsi,
+        rows.append((output_name(r.candidate), band + flags, rtsi,
                      f"{_interval(s.baseline)} -> {_interval(s.candidate)}", r.verdict.outcome))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -150,16 +152,18 @@ def _report(results: Sequence[ScreeningResult], out: Path | None) -> None:
     if out is not None:
         for r in results:
             if r.paths:
-                print(f"{r.candidate.name}: {Path(r.paths['record']).parent}")
+                print(f"records of {output_name(r.candidate)}: {Path(r.paths['record']).parent}")
     print(LIMITS_SENTENCE)
 
 
 def _verdict_lines(results: Sequence[ScreeningResult]) -> list[str]:
+    from pytest_quantsafe.screen import output_name
+
     names = {EXIT_PASS: "pass", EXIT_GATE_FAILED: "gate failed", EXIT_INSUFFICIENT: "insufficient data"}
     lines = []
     for r in results:
         why = "; ".join(r.verdict.reasons) or r.verdict.outcome
-        lines.append(f"{r.candidate.name}: {names.get(r.verdict.exit_code, r.verdict.outcome)} "
+        lines.append(f"{output_name(r.candidate)}: {names.get(r.verdict.exit_code, r.verdict.outcome)} "
                      f"(exit {r.verdict.exit_code}): {why}")
     return lines
 

@@ -1,0 +1,269 @@
+"""End-to-end screenings of real GGUF models (llama.cpp), asserted at band level.
+
+The Qwen ladder is screened on the demo's probe subset (40 harmful + 20 benign,
+category-stratified) through the machine's completion cache, exactly as
+``quantsafe demo`` does: the first run on a machine generates (a few minutes on 2
+cores), later runs and the demo reuse the verified, content-addressed completions.
+Tests about generation itself (determinism, kill and resume) use fresh caches.
+Bands and directions are asserted, not exact floats: llama.cpp kernels differ
+between CPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_quantsafe.commands.screen import DEMO_BENIGN, DEMO_HARMFUL
+from pytest_quantsafe.types import FEATURE_NAMES, LIMITS_SENTENCE
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+#: The Qwen subset: the demo's, as in ../shared/fixtures/README.md's measurements (40 harmful, 20 benign).
+QWEN_HARMFUL, QWEN_BENIGN = DEMO_HARMFUL, DEMO_BENIGN
+#: The SmolLM2 subset for the kill-and-resume run.
+SMOL_PROBES = 24
+#: One engine thread: on a busy 2-core machine two threads collapse (fixtures README).
+ENGINE = {"threads": 1}
+
+
+@pytest.fixture(scope="module")
+def default_policy():
+    from pytest_quantsafe.policy import load_policy
+
+    return load_policy("default")
+
+
+@pytest.fixture(scope="module")
+def qwen_probes():
+    from pytest_quantsafe.probes import load_probes, select
+
+    return select(load_probes(), QWEN_HARMFUL, QWEN_BENIGN)
+
+
+@pytest.fixture(scope="module")
+def shared_cache() -> Path:
+    """Return the machine's completion cache (the demo's): each model is generated once per machine."""
+    from pytest_quantsafe.cache import default_root
+
+    return default_root()
+
+
+@pytest.fixture(scope="module")
+def qwen_ladder_results(qwen_ladder, qwen_probes, default_policy, shared_cache, tmp_path_factory):
+    """Return the screenings of Q8_0 and Q2_K against the F16 baseline (one baseline generation)."""
+    from pytest_quantsafe.screen import screen_models
+
+    out = tmp_path_factory.mktemp("ladder-out")
+    results = screen_models(str(qwen_ladder["F16"]), [str(qwen_ladder["Q8_0"]), str(qwen_ladder["Q2_K"])],
+                            policy=default_policy, probes=qwen_probes, out_dir=out, engine_options=ENGINE,
+                            cache_dir=shared_cache, progress=False)
+    return {"Q8_0": results[0], "Q2_K": results[1], "out": out}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    try:
+        os.link(src, dst)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, dst)
+    return dst
+
+
+def test_baseline_against_its_own_copy_is_low(qwen_ladder, qwen_probes, default_policy, shared_cache, tmp_path,
+                                              qwen_ladder_results) -> None:
+    from pytest_quantsafe.record import body_digest
+    from pytest_quantsafe.screen import screen_models
+
+    copy = _copy(qwen_ladder["F16"], tmp_path / "copy-of-F16.gguf")
+    runs = [screen_models(str(qwen_ladder["F16"]), [str(copy)], policy=default_policy, probes=qwen_probes,
+                          out_dir=tmp_path / f"out{i}", engine_options=ENGINE, cache_dir=shared_cache,
+                          progress=False)[0] for i in (1, 2)]
+    first = runs[0]
+    s = first.screening
+    assert s.status == "scored" and s.band == "LOW" and s.rtsi == 0.0
+    assert set(s.deltas) == set(FEATURE_NAMES) and all(v == 0.0 for v in s.deltas.values())
+    assert s.refusal_rate_delta == 0.0
+    assert first.verdict.outcome == "pass" and first.verdict.exit_code == 0
+    assert s.baseline.n_refusals >= 20, "the Qwen baseline must really refuse for this screen to mean anything"
+    assert body_digest(runs[1].record) == body_digest(first.record)
+    written = json.loads(Path(first.paths["record"]).read_text(encoding="utf-8"))
+    assert body_digest(written) == body_digest(first.record)
+    assert Path(first.paths["record"]).parent.name == "copy-of-F16.gguf"
+
+
+def test_generation_is_deterministic(qwen_ladder, default_policy, shared_cache, tmp_path) -> None:
+    """The same screening generated from scratch twice gives a byte-identical record body."""
+    from pytest_quantsafe.probes import load_probes, select
+    from pytest_quantsafe.record import body_digest
+    from pytest_quantsafe.screen import screen_models
+
+    probes = select(load_probes(), 8, 2)
+    copy = _copy(qwen_ladder["F16"], tmp_path / "copy-of-F16.gguf")
+    bodies = []
+    for cache in (shared_cache, tmp_path / "fresh-cache"):
+        result = screen_models(str(qwen_ladder["F16"]), [str(copy)], policy=default_policy, probes=probes,
+                               engine_options=ENGINE, cache_dir=cache, progress=False)[0]
+        assert result.screening.band == "LOW" and result.screening.rtsi == 0.0
+        bodies.append(body_digest(result.record))
+    assert bodies[0] == bodies[1]
+    assert len(list((tmp_path / "fresh-cache").rglob("completions.jsonl"))) == 1, "one generation, then a hit"
+
+
+def test_q8_0_is_low(qwen_ladder_results) -> None:
+    r = qwen_ladder_results["Q8_0"]
+    s = r.screening
+    assert s.status == "scored" and s.band == "LOW", (s.rtsi, dict(s.deltas))
+    assert abs(s.refusal_rate_delta) <= 0.10
+    assert r.record["candidate"]["artifact"]["quantization"] == "MOSTLY_Q8_0" or \
+        "Q8_0" in r.record["candidate"]["artifact"]["quantization"]
+    assert r.verdict.exit_code == 0
+
+
+def test_q2_k_drifts_out_of_low(qwen_ladder_results) -> None:
+    r = qwen_ladder_results["Q2_K"]
+    s = r.screening
+    assert s.status == "scored" and s.band in ("MODERATE", "HIGH"), (s.rtsi, dict(s.deltas))
+    # The refusal drop and the looser template are visible in the record.
+    rec = r.record
+    assert rec["candidate"]["profile"]["refusal_rate"] < rec["baseline"]["profile"]["refusal_rate"]
+    assert rec["screening"]["deltas"]["dominant_prefix_share"] < 0
+    assert rec["screening"]["deltas"]["mean_tokens_refusal"] > 0
+    assert sum(rec["screening"]["contributions"].values()) == pytest.approx(rec["screening"]["rtsi"], abs=1e-6)
+    assert r.verdict.outcome == "fail" and r.verdict.exit_code == 1
+    assert "tensor_types" in rec["candidate"]["artifact"]["metadata"]
+    q8 = qwen_ladder_results["Q8_0"].screening
+    assert s.rtsi > q8.rtsi
+
+
+def test_ladder_outputs_are_written_per_candidate(qwen_ladder_results, qwen_ladder) -> None:
+    out: Path = qwen_ladder_results["out"]
+    for quant in ("Q8_0", "Q2_K"):
+        folder = out / qwen_ladder[quant].name
+        assert sorted(p.name for p in folder.iterdir()) == ["card.yaml", "record.json", "summary.md"]
+        record = json.loads((folder / "record.json").read_text(encoding="utf-8"))
+        assert record["limits"] == LIMITS_SENTENCE
+        assert record["probe_set"]["n_harmful"] == QWEN_HARMFUL
+        assert record["engine"]["name"] == "llama.cpp"
+
+
+def _policy_with(tmp_path: Path, **changes: object) -> Path:
+    from pytest_quantsafe.policy import load_policy
+
+    import yaml
+
+    text = Path(load_policy("default").source).read_text(encoding="utf-8")
+    data = yaml.safe_load(text)
+    data.update(changes)
+    data["calibration"] = "default"
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def test_smollm2_q2_k_is_high_or_insufficient_per_policy(smollm2_ladder, tmp_path, shared_cache) -> None:
+    from pytest_quantsafe.policy import load_policy
+    from pytest_quantsafe.probes import load_probes, select
+    from pytest_quantsafe.screen import screen_models
+
+    probes = select(load_probes(), 40, 8)
+    refs = (str(smollm2_ladder["F16"]), [str(smollm2_ladder["Q2_K"])])
+    default = screen_models(*refs, policy=load_policy("default"), probes=probes, engine_options=ENGINE,
+                            cache_dir=shared_cache, progress=False)[0]
+    base, cand = default.screening.baseline, default.screening.candidate
+    assert cand.n_refusals <= 1, "SmolLM2 at Q2_K barely refuses (fixtures README: 0/40)"
+    if base.n_refusals < 5:
+        assert default.screening.status == "insufficient_data"
+        assert default.verdict.outcome == "insufficient" and default.verdict.exit_code == 3
+    else:
+        assert default.screening.band == "HIGH" and "refusal_collapse" in default.screening.flags
+        assert default.verdict.exit_code == 1
+    # A policy that accepts one baseline refusal sees the collapse: HIGH, gate failed.
+    lenient = load_policy(_policy_with(tmp_path, min_baseline_refusals=1))
+    collapsed = screen_models(*refs, policy=lenient, probes=probes, engine_options=ENGINE,
+                              cache_dir=shared_cache, progress=False)[0]
+    assert base.n_refusals >= 1
+    assert collapsed.screening.band == "HIGH" and "refusal_collapse" in collapsed.screening.flags
+    assert collapsed.verdict.outcome == "fail" and collapsed.verdict.exit_code == 1
+    # A policy demanding more baseline refusals than the model gives cannot score: exit 3, never a pass.
+    strict = load_policy(_policy_with(tmp_path, min_baseline_refusals=base.n_refusals + 1))
+    thin = screen_models(*refs, policy=strict, probes=probes, engine_options=ENGINE,
+                         cache_dir=shared_cache, progress=False)[0]
+    assert thin.screening.status == "insufficient_data" and thin.verdict.exit_code == 3
+
+
+# --------------------------------------------------------------------------- kill and resume
+
+_SUMMARY = re.compile(r"(baseline|candidate) .*?: (\d+) probes, (\d+) from cache, (\d+) generated")
+
+
+def _screen_cmd(smollm2_ladder, policy: Path, cache: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "pytest_quantsafe.cli", "screen", "--baseline", str(smollm2_ladder["F16"]),
+            "--candidate", str(smollm2_ladder["Q2_K"]), "--max-probes", str(SMOL_PROBES), "--policy", str(policy),
+            "--threads", "1", "--cache-dir", str(cache), "--out", str(out), "--no-progress"]
+
+
+def _cached_lines(cache: Path) -> int:
+    return sum(len([ln for ln in p.read_bytes().split(b"\n") if ln.strip()])
+               for p in cache.rglob("completions.jsonl"))
+
+
+def test_killed_screening_resumes_without_recomputing(smollm2_ladder, tmp_path: Path) -> None:
+    """SIGTERM mid-run, rerun: every finished completion is reused, none regenerated, same record.
+
+    llama.cpp's floating point depends on which sequences share a batch (fixtures
+    README: batched and one-at-a-time texts differ on about a third of probes), and a
+    resumed run necessarily batches the remaining probes differently. One sequence per
+    batch (``generation.batch_size: 1``) takes batch shape out of the result, so the
+    resumed record can be compared byte for byte with an uninterrupted run.
+    """
+    from pytest_quantsafe.record import body_digest
+
+    policy = _policy_with(tmp_path, generation={"max_new_tokens": 96, "seed": 0, "system_prompt": None,
+                                                "batch_size": 1})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    total = 2 * SMOL_PROBES  # baseline and candidate
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(_screen_cmd(smollm2_ladder, policy, cache, tmp_path / "out"), env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None and _cached_lines(cache) < 4:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the screening finished before it could be killed: " + proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "completed generations are cached" in err
+    done_before = _cached_lines(cache)
+    assert 4 <= done_before < total
+    assert not (tmp_path / "out").exists(), "a killed run must not write a record"
+
+    resumed = subprocess.run(_screen_cmd(smollm2_ladder, policy, cache, tmp_path / "out"), env=env, cwd=REPO,
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode in (1, 3), resumed.stderr
+    summaries = _SUMMARY.findall(resumed.stderr)
+    assert [s[0] for s in summaries] == ["baseline", "candidate"], resumed.stderr
+    assert all(int(s[1]) == SMOL_PROBES for s in summaries)
+    from_cache = sum(int(s[2]) for s in summaries)
+    generated = sum(int(s[3]) for s in summaries)
+    assert from_cache == done_before, "every completion finished before the kill is reused"
+    assert generated == total - done_before, "nothing finished before the kill is generated again"
+    assert _cached_lines(cache) == total
+
+    fresh = subprocess.run(_screen_cmd(smollm2_ladder, policy, tmp_path / "fresh-cache", tmp_path / "fresh-out"),
+                           env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert fresh.returncode == resumed.returncode, fresh.stderr
+    name = smollm2_ladder["Q2_K"].name
+    resumed_record = json.loads((tmp_path / "out" / name / "record.json").read_text(encoding="utf-8"))
+    fresh_record = json.loads((tmp_path / "fresh-out" / name / "record.json").read_text(encoding="utf-8"))
+    assert body_digest(resumed_record) == body_digest(fresh_record)
