@@ -9,7 +9,7 @@ refused with ``CategoryMismatchError`` (exit code 2) before any generation.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from pytest_quantsafe.errors import CategoryMismatchError
 from pytest_quantsafe.types import Artifact

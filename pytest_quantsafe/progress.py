@@ -69,7 +69,7 @@ class GenerationProgress:
         return (f"{self.label}: {self.total} probes, {self.cached} from cache, {self.generated} generated "
                 f"({self.tokens} tokens in {self.elapsed:.1f} s, {self.tokens_per_second:.1f} tok/s)")
 
-    def __enter__(self) -> "GenerationProgress":
+    def __enter__(self) -> GenerationProgress:  # noqa: PYI034 (typing.Self needs Python 3.11)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -15,9 +15,10 @@ import functools
 import importlib.util
 import logging
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from pytest_quantsafe.errors import ProbeSetError, UsageError
 from pytest_quantsafe.pairing import check_matched_pair
@@ -118,14 +119,47 @@ def screen_profiles(
 
 @dataclass
 class _Side:
-    """One resolved model and the engine that reads it."""
+    """One resolved model and the name of the engine that reads it."""
 
     ref: str
     engine_name: str
-    backend: Any
     artifact: Artifact
-    #: The options the engine was created with (early exit among them).
-    options: Mapping[str, Any]
+
+
+class _Engines:
+    """Engine instances by (engine name, early exit), created on first use and closed together."""
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self.options = dict(options)
+        self._backends: dict[tuple[str, bool], tuple[Any, dict[str, Any]]] = {}
+
+    def get(self, name: str, *, full_text: bool = False) -> tuple[Any, dict[str, Any]]:
+        """Return (engine, its options); ``full_text`` forces early exit off."""
+        from pytest_quantsafe.backends.base import get_backend
+
+        chosen = engine_options_for(name, self.options)
+        if full_text and chosen.get(EARLY_EXIT_OPTION):
+            chosen[EARLY_EXIT_OPTION] = False
+        slot = (name, bool(chosen.get(EARLY_EXIT_OPTION, False)))
+        if slot not in self._backends:
+            self._backends[slot] = (get_backend(name, **chosen), chosen)
+        return self._backends[slot]
+
+    def resolve(self, refs: Sequence[str], engine: str) -> list[_Side]:
+        """Return the resolved sides of ``refs`` (engine detected per reference with "auto")."""
+        from pytest_quantsafe.backends.base import detect_engine
+
+        sides = []
+        for ref in refs:
+            name = detect_engine(ref) if engine == "auto" else engine
+            sides.append(_Side(ref=ref, engine_name=name, artifact=self.get(name)[0].resolve(ref)))
+        return sides
+
+    def close(self) -> None:
+        """Close every engine (their worker processes end)."""
+        for backend, _ in self._backends.values():
+            backend.close()
+        self._backends.clear()
 
 
 def _engine_info(engine_id: str) -> dict[str, str]:
@@ -150,27 +184,6 @@ def engine_options_for(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     return chosen
 
 
-def _resolve_sides(refs: Sequence[str], engine: str, options: Mapping[str, Any]) -> list[_Side]:
-    from pytest_quantsafe.backends.base import detect_engine, get_backend
-
-    backends: dict[str, tuple[Any, dict[str, Any]]] = {}
-    sides: list[_Side] = []
-    try:
-        for ref in refs:
-            name = detect_engine(ref) if engine == "auto" else engine
-            if name not in backends:
-                chosen = engine_options_for(name, options)
-                backends[name] = (get_backend(name, **chosen), chosen)
-            backend, chosen = backends[name]
-            sides.append(_Side(ref=ref, engine_name=name, backend=backend, artifact=backend.resolve(ref),
-                               options=chosen))
-    except BaseException:
-        for backend, _ in backends.values():
-            backend.close()
-        raise
-    return sides
-
-
 def _cache_options(artifact: Artifact, options: Mapping[str, Any]) -> dict[str, Any]:
     """Return what, besides the artifact's files, changes the completions (part of the cache key)."""
     keyed: dict[str, Any] = {EARLY_EXIT_OPTION: bool(options.get(EARLY_EXIT_OPTION, False))}
@@ -181,27 +194,42 @@ def _cache_options(artifact: Artifact, options: Mapping[str, Any]) -> dict[str, 
     return keyed
 
 
-def _complete(side: _Side, probe_set: ProbeSet, config: GenerationConfig, cache: Any, *,
-              progress: bool, label: str) -> list[Completion]:
-    """Return one completion per probe: cached ones reused, missing ones generated and cached at once."""
+def _complete(side: _Side, probe_set: ProbeSet, config: GenerationConfig, cache: Any, engines: _Engines, *,
+              full_text_kinds: frozenset[str], progress: bool, label: str) -> list[Completion]:
+    """Return one completion per probe: cached ones reused, missing ones generated and cached at once.
+
+    Probes of ``full_text_kinds`` go to an engine instance without early exit (under
+    their own cache key); the others may stop early.
+    """
     from pytest_quantsafe.errors import EngineError
     from pytest_quantsafe.progress import GenerationProgress
 
-    key = cache.key(side.artifact.digest, probe_set.digest, config, side.backend.engine_id(),
-                    _cache_options(side.artifact, side.options))
-    cached, missing = cache.lookup(key, probe_set.items)
-    done: dict[str, Completion] = dict(cached)
-    wanted = {p.id for p in missing}
-    with GenerationProgress(label, len(probe_set.items), cached=len(cached), enabled=progress) as bar:
-        if missing:
-            def on_result(completion: Completion) -> None:
+    groups = []
+    for full_text in (False, True):
+        members = tuple(p for p in probe_set.items if (p.kind in full_text_kinds) == full_text)
+        if members:
+            backend, options = engines.get(side.engine_name, full_text=full_text)
+            key = cache.key(side.artifact.digest, probe_set.digest, config, backend.engine_id(),
+                            _cache_options(side.artifact, options))
+            cached, missing = cache.lookup(key, members)
+            groups.append((backend, key, cached, missing))
+    done: dict[str, Completion] = {}
+    for _, _, cached, _ in groups:
+        done.update(cached)
+    with GenerationProgress(label, len(probe_set.items), cached=len(done), enabled=progress) as bar:
+        for backend, key, _, missing in groups:
+            if not missing:
+                continue
+            wanted = {p.id for p in missing}
+
+            def on_result(completion: Completion, key: str = key, wanted: set[str] = wanted) -> None:
                 if completion.probe_id not in wanted or completion.probe_id in done:
                     return
                 cache.append(key, completion)
                 done[completion.probe_id] = completion
                 bar.update(completion)
 
-            for completion in side.backend.generate(side.artifact, missing, config, on_result=on_result):
+            for completion in backend.generate(side.artifact, missing, config, on_result=on_result):
                 on_result(completion)  # a no-op for those the engine already reported
     log.info(bar.summary())
     lost = [p.id for p in probe_set.items if p.id not in done]
@@ -234,11 +262,11 @@ def screen_models(
     names a model (any engine) that labels refusals as a second measurement (judge.py).
     """
     from pytest_quantsafe import evidence, features, refusal, zoo
-    from pytest_quantsafe.judge import JudgeDetector
-    from pytest_quantsafe.quality import MiniLMEmbedder
     from pytest_quantsafe.backends.base import engine_options_from
     from pytest_quantsafe.cache import CompletionCache
+    from pytest_quantsafe.judge import JudgeDetector
     from pytest_quantsafe.probes import load_probes
+    from pytest_quantsafe.quality import MiniLMEmbedder
 
     if not candidates:
         raise UsageError("no candidate to screen", fix="pass at least one --candidate")
@@ -252,37 +280,44 @@ def screen_models(
     cache = CompletionCache(Path(cache_dir) if cache_dir is not None else zoo.cache_dir() / "completions")
     detector = refusal.PatternDetector()
 
-    sides = _resolve_sides([baseline, *candidates], engine, options)
+    embedder = None
+    engines = _Engines(options)
+    judge_engines = _Engines({**options, EARLY_EXIT_OPTION: False}) if judge else None
     try:
+        sides = engines.resolve([baseline, *candidates], engine)
         base_side, cand_sides = sides[0], sides[1:]
         # The judge answers one word: it needs its own engine instance, never stopped early.
-        judge_side = _resolve_sides([judge], "auto", {**options, EARLY_EXIT_OPTION: False})[0] if judge else None
-        if judge_side is not None:
-            sides.append(judge_side)  # closed with the others
+        judge_side = judge_engines.resolve([judge], "auto")[0] if judge_engines and judge else None
         for side in cand_sides:
             check_matched_pair(base_side.artifact, side.artifact)
-        base_completions = _complete(base_side, probe_set, config, cache,
+        if _importable_quality():
+            embedder = MiniLMEmbedder()
+        # Early exit stops what the pattern detector has decided; a judge reads whole answers and
+        # the quality measure compares whole benign answers, so those are generated in full.
+        full_text_kinds = frozenset({"harmful", "benign"} if judge else {"benign"} if embedder else set())
+        base_completions = _complete(base_side, probe_set, config, cache, engines, full_text_kinds=full_text_kinds,
                                      progress=progress, label=f"baseline {base_side.artifact.name}")
         base_labelled = refusal.label(base_completions, detector)
         base_profile = features.build_profile(base_labelled, detector.name)
-        embedder = MiniLMEmbedder() if _importable_quality() else None
         results: list[ScreeningResult] = []
         for side in cand_sides:
-            completions = _complete(side, probe_set, config, cache,
+            completions = _complete(side, probe_set, config, cache, engines, full_text_kinds=full_text_kinds,
                                     progress=progress, label=f"candidate {side.artifact.name}")
             labelled = refusal.label(completions, detector)
             profile = features.build_profile(labelled, detector.name)
-            engine_info = _engine_info(side.backend.engine_id())
+            engine_info = _engine_info(engines.get(side.engine_name)[0].engine_id())
             results.append(screen_profiles(
                 base_profile, profile, policy=policy, baseline_artifact=base_side.artifact,
                 candidate_artifact=side.artifact, probe_set=probe_set, out_dir=out_dir,
                 generation=config, engine=engine_info,
                 assess=functools.partial(
                     evidence.assess, baseline=base_labelled, candidate=labelled, policy=policy, embedder=embedder,
-                    judge=JudgeDetector(judge_side.backend, judge_side.artifact) if judge_side else None,
+                    judge=JudgeDetector(judge_engines.get(judge_side.engine_name)[0], judge_side.artifact)
+                    if judge_engines and judge_side else None,
                     prompts={p.id: p.prompt for p in probe_set.items}),
             ))
         return results
     finally:
-        for backend in {id(s.backend): s.backend for s in sides}.values():
-            backend.close()
+        engines.close()
+        if judge_engines is not None:
+            judge_engines.close()

@@ -15,9 +15,10 @@ import logging
 import math
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, Sequence
+from typing import Any
 
 from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_INSUFFICIENT, EXIT_PASS, EXIT_USAGE
 from pytest_quantsafe.types import LIMITS_SENTENCE, ProbeSet, ScreeningResult
@@ -148,6 +149,8 @@ def format_table(results: Sequence[ScreeningResult]) -> str:
 
 
 def _report(results: Sequence[ScreeningResult], out: Path | None) -> None:
+    from pytest_quantsafe.screen import output_name
+
     print(format_table(results))
     if out is not None:
         for r in results:
