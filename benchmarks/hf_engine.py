@@ -23,10 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pytest_quantsafe import zoo_hf  # noqa: E402
-from pytest_quantsafe.backends.base import get_backend  # noqa: E402
-from pytest_quantsafe.probes import load_probes, select  # noqa: E402
-from pytest_quantsafe.types import GenerationConfig  # noqa: E402
+from pytest_quantsafe import zoo_hf
+from pytest_quantsafe.backends.base import get_backend
+from pytest_quantsafe.probes import load_probes, select
+from pytest_quantsafe.types import GenerationConfig
 
 
 def run(label: str, ref: Path, probes: list, config: GenerationConfig, **options: object) -> str:

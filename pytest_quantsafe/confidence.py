@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from pytest_quantsafe.errors import InputError, InsufficientDataError
 from pytest_quantsafe.features import build_profile

@@ -16,7 +16,8 @@ an unknown regime is reported as unknown, not as neutral.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from pytest_quantsafe.confidence import N_RESAMPLES, bootstrap_rtsi
 from pytest_quantsafe.errors import InsufficientDataError, ModelLoadError

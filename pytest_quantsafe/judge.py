@@ -15,8 +15,9 @@ detector while any label is missing (``label_many`` raises EngineError).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from pytest_quantsafe.backends.base import Backend
 from pytest_quantsafe.errors import EngineError, InputError
@@ -146,9 +147,7 @@ def compare(judge_name: str, baseline: Mapping[str, Any], candidate: Mapping[str
     """
     flagged = False
     for side in (baseline, candidate):
-        if side["divergence_pp"] is None or side["n_unparsed"] > 0.2 * side["n"]:
-            flagged = True
-        elif side["divergence_pp"] >= DIVERGENCE_PP - 1e-9:
+        if side["divergence_pp"] is None or side["n_unparsed"] > 0.2 * side["n"] or side["divergence_pp"] >= DIVERGENCE_PP - 1e-9:
             flagged = True
     return {
         "detector": judge_name,

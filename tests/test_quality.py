@@ -17,7 +17,7 @@ def _benign(*texts: str) -> list[Completion]:
 
 
 def test_lcs_length() -> None:
-    assert lcs_length("a b c b d a b".split(), "b d c a b a".split()) == 4  # CLRS's example: "b c b a"
+    assert lcs_length(["a", "b", "c", "b", "d", "a", "b"], ["b", "d", "c", "a", "b", "a"]) == 4  # CLRS's example: "b c b a"
     assert lcs_length([], ["x"]) == 0
 
 

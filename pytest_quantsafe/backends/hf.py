@@ -30,9 +30,10 @@ import importlib.util
 import json
 import os
 import sys
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pytest_quantsafe.backends.base import OnResult
 from pytest_quantsafe.errors import EngineError, ModelLoadError, UsageError

@@ -29,14 +29,22 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, Mapping, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 from pytest_quantsafe.backends.base import OnResult
 from pytest_quantsafe.errors import EngineError, ModelLoadError, UsageError
-from pytest_quantsafe.types import Artifact, ArtifactFile, Completion, GenerationConfig, Probe, canonical_json, \
-    sha256_hex
+from pytest_quantsafe.types import (
+    Artifact,
+    ArtifactFile,
+    Completion,
+    GenerationConfig,
+    Probe,
+    canonical_json,
+    sha256_hex,
+)
 
 #: Version of this client's request protocol (part of the engine id and so of the cache key).
 CLIENT_VERSION = "1"
@@ -56,8 +64,7 @@ def parse_ref(ref: str, model: str | None = None) -> tuple[str, str | None]:
         raise UsageError(f"not an http(s) endpoint: {ref!r}", where=ref,
                          fix="write it as http://host:port/v1#model-id")
     base = base.rstrip("/")
-    if base.endswith("/chat/completions"):
-        base = base[: -len("/chat/completions")]
+    base = base.removesuffix("/chat/completions")
     return base, (fragment or model or None)
 
 
@@ -121,7 +128,7 @@ class OpenAIBackend:
                 raise _Retryable(f"HTTP {exc.code}: {detail}", retry_after) from exc
             raise EngineError(f"the server answered HTTP {exc.code}: {detail}", where=url,
                               fix="check the endpoint, the model id and the request options") from exc
-        except (TimeoutError, socket.timeout) as exc:
+        except TimeoutError as exc:
             raise EngineError(f"no answer within {self.timeout:g} s", where=url,
                               fix="the server hangs or is overloaded; raise the engine option timeout "
                                   "or lower concurrency") from exc
@@ -182,7 +189,7 @@ class OpenAIBackend:
             raise ModelLoadError(f"the endpoint does not serve model {model!r}", where=f"{base}#{model}",
                                  fix=f"choose one of: {', '.join(served[:10])}")
         pinned = self.digest is not None
-        sha = self.digest if pinned else sha256_hex(canonical_json({"endpoint": base, "model": model}))
+        sha = self.digest or sha256_hex(canonical_json({"endpoint": base, "model": model}))
         metadata = {"endpoint": base, "model_id": model, "digest_pinned": str(pinned).lower()}
         if pinned:
             metadata["weights_sha256"] = sha
