@@ -77,6 +77,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="generate every answer in full (default: stop an answer once the pattern detector "
                    "can no longer call it a refusal; records are the same either way)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--judge", metavar="MODEL", help="a refusal-judge model (.gguf, HF folder, hf://, http(s)://): "
+                   "records its refusal rates and flags measurement_divergence at >= 20 pp")
 
 
 def _terminate_cleanly(signum: int, frame: FrameType | None) -> None:
@@ -182,7 +184,7 @@ def run_screen(args: argparse.Namespace) -> int:
     probe_set = _subset(load_probes(args.probes if args.probes else policy.probes), args.max_probes)
     results = screen_models(args.baseline, args.candidate, policy=policy, probes=probe_set, out_dir=args.out,
                             engine=args.engine, engine_options=_engine_options(args), cache_dir=args.cache_dir,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, judge=args.judge)
     _report(results, args.out)
     code = worst_exit_code([r.verdict.exit_code for r in results])
     summary = {EXIT_PASS: "quantsafe: pass (exit 0)", EXIT_GATE_FAILED: "quantsafe: gate failed (exit 1)",
@@ -213,7 +215,7 @@ def run_demo(args: argparse.Namespace) -> int:
              ladder[1].name, ladder[2].name, ladder[0].name, len(probe_set.harmful), len(probe_set.benign))
     results = screen_models(str(ladder[0]), [str(p) for p in ladder[1:]], policy=policy, probes=probe_set,
                             out_dir=out, engine="gguf", engine_options=_engine_options(args),
-                            cache_dir=args.cache_dir, progress=not args.no_progress)
+                            cache_dir=args.cache_dir, progress=not args.no_progress, judge=args.judge)
     _report(results, out)
     print("gate outcome per candidate (the demo itself exits 0):")
     for line in _verdict_lines(results):
