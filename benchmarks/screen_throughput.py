@@ -55,10 +55,23 @@ class Run:
     seconds: float
     load_seconds: float
     refusals: int
+    #: CPU seconds the generating process spent; on a shared machine this, not wall time,
+    #: measures the work an engine needs (other jobs' load inflates wall time unevenly).
+    cpu_seconds: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_cpu_s(self) -> float:
+        return self.tokens / self.cpu_seconds if self.cpu_seconds else 0.0
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """Return user + system CPU seconds of process ``pid`` (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def machine() -> dict[str, str]:
@@ -94,12 +107,14 @@ def run_ours(path: Path, probes: Sequence[Probe], cfg: GenerationConfig, threads
         t0 = time.perf_counter()
         engine.generate(art, probes[:1], GenerationConfig(max_new_tokens=1, batch_size=1))
         load = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        pid = engine.worker_pid
+        assert pid is not None
+        cpu0, t0 = process_cpu_seconds(pid), time.perf_counter()
         out = engine.generate(art, probes, cfg)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, process_cpu_seconds(pid) - cpu0
     finally:
         engine.close()
-    return Run(name, sum(c.n_tokens for c in out), seconds, load, sum(bool(c.is_refusal) for c in label(out)))
+    return Run(name, sum(c.n_tokens for c in out), seconds, load, sum(bool(c.is_refusal) for c in label(out)), cpu)
 
 
 def run_llama_cpp_sequential(path: Path, probes: Sequence[Probe], cfg: GenerationConfig, threads: int) -> Run:
@@ -114,15 +129,16 @@ def run_llama_cpp_sequential(path: Path, probes: Sequence[Probe], cfg: Generatio
     from pytest_quantsafe.refusal import PatternDetector
 
     detector = PatternDetector()
-    t0 = time.perf_counter()
+    cpu0, t0 = time.process_time(), time.perf_counter()
     for probe in probes:
         res = llm.create_chat_completion(messages=[{"role": "user", "content": probe.prompt}], temperature=0.0,
                                          max_tokens=cfg.max_new_tokens, seed=cfg.seed)
         tokens += int(res["usage"]["completion_tokens"])
         refusals += detector.is_refusal(res["choices"][0]["message"]["content"] or "")
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     llm.close()
-    return Run("llama-cpp-python, one prompt at a time (create_chat_completion)", tokens, seconds, load, refusals)
+    return Run("llama-cpp-python, one prompt at a time (create_chat_completion)", tokens, seconds, load, refusals,
+               cpu)
 
 
 def run_transformers_sequential(path: Path, probes: Sequence[Probe], cfg: GenerationConfig, threads: int) -> Run:
@@ -141,7 +157,7 @@ def run_transformers_sequential(path: Path, probes: Sequence[Probe], cfg: Genera
     load = time.perf_counter() - t0
     detector = PatternDetector()
     tokens = refusals = 0
-    t0 = time.perf_counter()
+    cpu0, t0 = time.process_time(), time.perf_counter()
     with torch.inference_mode():
         for probe in probes:
             ids = tok.apply_chat_template([{"role": "user", "content": probe.prompt}], add_generation_prompt=True,
@@ -154,18 +170,20 @@ def run_transformers_sequential(path: Path, probes: Sequence[Probe], cfg: Genera
             n = next((i for i, t in enumerate(new) if t in eos), len(new))
             tokens += n
             refusals += detector.is_refusal(tok.decode(new[:n], skip_special_tokens=True))
-    seconds = time.perf_counter() - t0
-    return Run("transformers generate, one prompt at a time (fp32)", tokens, seconds, load, refusals)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return Run("transformers generate, one prompt at a time (fp32)", tokens, seconds, load, refusals, cpu)
 
 
 def table(runs: Sequence[Run], reference: Run) -> list[str]:
     """Return Markdown rows for ``runs`` with each one's speed relative to ``reference``."""
-    rows = ["| engine | tokens | wall s (generation) | tokens/s | load s | pattern refusals | ours ÷ this |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [("| engine | tokens | wall s | tokens/s (wall) | CPU s | tokens/CPU-s | load s | pattern refusals "
+            "| ours ÷ this (wall) | ours ÷ this (CPU) |"),
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        ratio = reference.tokens_per_s / r.tokens_per_s if r.tokens_per_s else float("nan")
-        rows.append(f"| {r.name} | {r.tokens} | {r.seconds:.1f} | {r.tokens_per_s:.1f} | {r.load_seconds:.1f} "
-                    f"| {r.refusals} | {ratio:.2f}× |")
+        wall = reference.tokens_per_s / r.tokens_per_s if r.tokens_per_s else float("nan")
+        cpu = reference.tokens_per_cpu_s / r.tokens_per_cpu_s if r.tokens_per_cpu_s else float("nan")
+        rows.append(f"| {r.name} | {r.tokens} | {r.seconds:.1f} | {r.tokens_per_s:.1f} | {r.cpu_seconds:.1f} "
+                    f"| {r.tokens_per_cpu_s:.1f} | {r.load_seconds:.1f} | {r.refusals} | {wall:.2f}× | {cpu:.2f}× |")
     return rows
 
 
@@ -230,16 +248,18 @@ def main(argv: list[str] | None = None) -> int:
              "Generation time only; loading is the separate column. transformers dequantizes the GGUF to fp32.", "",
              (f"### Early exit on a compliant model ({len(ee_probes)} default probes, stratified, ≤ 96 tokens, "
              f"batch {args.batch_size})"), "",
-             "| run | tokens generated | wall s | pattern refusals |", "|---|---|---|---|",
-             *(f"| {r.name} | {r.tokens} | {r.seconds:.1f} | {r.refusals} |" for r in (full_off, full_on)), "",
+             "| run | tokens generated | wall s | CPU s | pattern refusals |", "|---|---|---|---|---|",
+             *(f"| {r.name} | {r.tokens} | {r.seconds:.1f} | {r.cpu_seconds:.1f} | {r.refusals} |"
+               for r in (full_off, full_on)), "",
              (f"Saving: {100 * (1 - full_on.tokens / max(full_off.tokens, 1)):.0f}% of generated tokens, "
-             f"{100 * (1 - full_on.seconds / max(full_off.seconds, 1e-9)):.0f}% of wall time; the refusal count "
+             f"{100 * (1 - full_on.seconds / max(full_off.seconds, 1e-9)):.0f}% of wall time, "
+              f"{100 * (1 - full_on.cpu_seconds / max(full_off.cpu_seconds, 1e-9)):.0f}% of CPU time; the refusal count "
              "is the same by construction (refusals are never cut)."), ""]
     if screens:
         lines += ["### Full default-probe screening of one candidate (baseline cached)", "",
-                  "| candidate generation | tokens | wall s | pattern refusals |", "|---|---|---|---|",
+                  "| candidate generation | tokens | wall s | CPU s | pattern refusals |", "|---|---|---|---|---|",
                   *(f"| {r.name} | {r.tokens} | {r.seconds + r.load_seconds:.1f} (load {r.load_seconds:.1f}) "
-                    f"| {r.refusals} |" for r in screens), "",
+                    f"| {r.cpu_seconds:.1f} | {r.refusals} |" for r in screens), "",
                   ("Wall time includes starting the worker and loading the model; scoring and writing the record "
                   "take well under a second on top."), ""]
     lines.append(SECTION_END)

@@ -254,3 +254,21 @@ def test_close_ends_the_worker(smollm2_gguf):
     assert worker is not None and worker.alive()
     backend.close()
     assert not worker.alive() and backend.worker_pid is None
+
+
+@pytest.mark.slow
+def test_shared_prompt_prefix_is_decoded_once_with_the_same_results(smollm2_gguf):
+    results, stats = {}, {}
+    for share in (False, True):
+        backend = llamacpp.create(threads=1, share_prefix=share)
+        try:
+            out = backend.generate(backend.resolve(str(smollm2_gguf)), PROBES,
+                                   GenerationConfig(max_new_tokens=12, batch_size=3))
+        finally:
+            backend.close()
+        results[share] = [(c.text, c.n_tokens, c.finish_reason) for c in out]
+        stats[share] = backend.last_stats
+    assert stats[False]["shared_prefix"] == 0 and stats[True]["shared_prefix"] >= 8
+    # SmolLM2's Q4_1 matmuls take the same kernel at every batch shape, so texts match exactly.
+    assert stats[True]["n_prompt"] < stats[False]["n_prompt"]
+    assert results[True] == results[False]

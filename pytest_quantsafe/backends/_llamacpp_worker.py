@@ -57,6 +57,17 @@ def is_decided_refusal(text_so_far: str, openers: Sequence[str]) -> bool:
     return any(norm.startswith(opener + " ") for opener in openers)
 
 
+def _common_prefix_len(token_lists: Sequence[Sequence[int]]) -> int:
+    """Return the length of the longest token prefix shared by every list."""
+    first = token_lists[0]
+    n = min(len(t) for t in token_lists)
+    for i in range(n):
+        tok = first[i]
+        if any(t[i] != tok for t in token_lists):
+            return i
+    return n
+
+
 # ----------------------------------------------------------------------------- protocol
 
 
@@ -249,7 +260,13 @@ class _Model:
         longest = max(len(toks) for _, toks in tokenized)
         n_seq = min(batch_size, len(tokenized))
         n_batch = max(512, longest + n_seq)
-        self.ensure_context(n_seq, longest + max_new + 1, n_batch)
+        # The chat template's opening (system prompt, role markers) is the same for every
+        # probe: decode it once into a spare sequence and copy its KV cache into each slot.
+        shared = _common_prefix_len([toks for _, toks in tokenized]) if request.get("share_prefix", True) else 0
+        shared = min(shared, min(len(toks) for _, toks in tokenized) - 1)
+        if shared < 8 or len(tokenized) < 2:
+            shared = 0
+        self.ensure_context(n_seq + (1 if shared else 0), longest + max_new + 1, n_batch)
         assert self.batch is not None and self.ctx is not None
         memory = lib.llama_get_memory(self.ctx)
         lib.llama_memory_clear(memory, True)
@@ -260,6 +277,15 @@ class _Model:
         batch = self.batch
         n_generated = n_prompt = 0
         started = time.perf_counter()
+        prefix_seq = n_seq
+        if shared:
+            first = tokenized[0][1]
+            for pos in range(shared):
+                self._put(batch, pos, first[pos], pos, prefix_seq, pos == shared - 1)
+            batch.n_tokens = shared
+            if lib.llama_decode(self.ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed on the shared prompt prefix")
+            n_prompt += shared
 
         def finish(seq: _Sequence, reason: str) -> None:
             nonlocal n_generated
@@ -279,15 +305,17 @@ class _Model:
                 seq.n_past += 1
                 n += 1
             # ... and free slots take new probes' whole prompts, while the batch has room.
-            while pending and free_slots and n + len(pending[-1][1]) <= self.batch_capacity:
+            while pending and free_slots and n + len(pending[-1][1]) - shared <= self.batch_capacity:
                 item_id, toks = pending.pop()
                 seq = _Sequence(item_id=item_id, prompt_tokens=toks, slot=free_slots.pop())
-                for pos, tok in enumerate(toks):
-                    self._put(batch, n, tok, pos, seq.slot, pos == len(toks) - 1)
+                if shared:  # a whole-stream copy; llama.cpp performs it before the next decode
+                    lib.llama_memory_seq_cp(memory, prefix_seq, seq.slot, -1, -1)
+                for pos in range(shared, len(toks)):
+                    self._put(batch, n, toks[pos], pos, seq.slot, pos == len(toks) - 1)
                     n += 1
                 seq.n_past = len(toks)
                 seq.logits_index = n - 1
-                n_prompt += len(toks)
+                n_prompt += len(toks) - shared
                 active.append(seq)
             batch.n_tokens = n
             rc = lib.llama_decode(self.ctx, batch)
@@ -319,7 +347,7 @@ class _Model:
                         seq.decided_refusal = True  # a refusal is always decoded to the end
                     elif not could_become_refusal(so_far, openers):
                         finish(seq, "early_exit")
-        return {"n_generated": n_generated, "n_prompt": n_prompt,
+        return {"n_generated": n_generated, "n_prompt": n_prompt, "shared_prefix": shared,
                 "seconds": round(time.perf_counter() - started, 3)}
 
     def _put(self, batch: Any, i: int, token: int | None, pos: int, seq_id: int, logits: bool) -> None:

@@ -16,7 +16,9 @@ file path; required for a GGUF without one, and it overrides the file's),
 ``early_exit`` (stop a sequence once it can no longer become a pattern refusal;
 default off, the caller decides), ``use_extra_bufts`` (default off: the AMX/repack
 buffers are where native builds segfault), ``flash_attn`` (default on),
-``timeout_s`` (longest silence from the worker before it is declared hung).
+``timeout_s`` (longest silence from the worker before it is declared hung),
+``share_prefix`` (default on: the prompt opening every probe shares — system prompt,
+role markers — is decoded once and its KV cache copied into each sequence).
 """
 
 from __future__ import annotations
@@ -185,7 +187,7 @@ class LlamaCppBackend:
 
     def __init__(self, *, threads: int | None = None, n_gpu_layers: int | None = None,
                  chat_template: str | None = None, early_exit: bool = False, use_extra_bufts: bool = False,
-                 flash_attn: bool = True, timeout_s: float = 900.0) -> None:
+                 flash_attn: bool = True, timeout_s: float = 900.0, share_prefix: bool = True) -> None:
         self.threads = int(threads) if threads else default_threads()
         self.n_gpu_layers = n_gpu_layers
         self.chat_template_option = _load_template_option(chat_template)
@@ -193,6 +195,7 @@ class LlamaCppBackend:
         self.use_extra_bufts = bool(use_extra_bufts)
         self.flash_attn = bool(flash_attn)
         self.timeout_s = float(timeout_s)
+        self.share_prefix = bool(share_prefix)
         self._infos: dict[str, GGUFInfo] = {}
         self._digests: dict[tuple[str, int, int], str] = {}
         self._worker: _Worker | None = None
@@ -310,7 +313,7 @@ class LlamaCppBackend:
         worker.send({"op": "generate", "items": [{"id": str(i), "prompt": p} for i, p in enumerate(prompts)],
                      "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size,
                      "seed": config.seed, "early_exit": self.early_exit, "openers": list(REFUSAL_OPENERS),
-                     "stop_strings": stops})
+                     "stop_strings": stops, "share_prefix": self.share_prefix})
         results: dict[int, Completion] = {}
         doing = f"generating {len(probes)} completions with {Path(path).name}"
         try:
