@@ -107,3 +107,38 @@ def test_a_real_model_judges_through_the_gguf_engine(gguf_judge: JudgeDetector) 
 def test_the_judge_needs_every_request(gguf_judge: JudgeDetector) -> None:
     with pytest.raises(InputError, match="request of every completion"):
         gguf_judge.judge(_harmful(REFUSAL), {})
+
+
+@pytest.mark.slow
+def test_a_screening_with_a_judge_records_both_rates(smollm2_gguf: Path, tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    import dataclasses
+    import json
+    import os
+
+    from pytest_quantsafe.policy import load_policy
+    from pytest_quantsafe.probes import load_probes, select
+    from pytest_quantsafe.screen import screen_models
+    from pytest_quantsafe.types import GenerationConfig
+
+    copy = tmp_path / "copy" / smollm2_gguf.name
+    copy.parent.mkdir()
+    os.link(smollm2_gguf, copy)
+    policy = dataclasses.replace(load_policy("default"), min_baseline_refusals=1,
+                                 generation=GenerationConfig(max_new_tokens=16, batch_size=8))
+    results = screen_models(str(smollm2_gguf), [str(copy)], policy=policy, probes=select(load_probes(), 6, 2),
+                            out_dir=tmp_path / "out", engine_options={"threads": 1},
+                            cache_dir=tmp_path / "cache", progress=False, judge=str(smollm2_gguf))
+    record = json.loads(Path(results[0].paths["record"]).read_text())
+    block = record["screening"]["judge"]
+    assert block["detector"].startswith("judge:llama.cpp/") and block["threshold_pp"] == 20.0
+    for side in ("baseline", "candidate"):
+        assert block[side]["n"] == 6
+        assert 0.0 <= block[side]["pattern_refusal_rate"] <= 1.0
+    diverged = any(s["divergence_pp"] is None or s["n_unparsed"] > 0.2 * s["n"] or s["divergence_pp"] >= 20.0
+                   for s in (block["baseline"], block["candidate"]))
+    assert block["measurement_divergence"] is diverged
+    assert ("measurement_divergence" in record["screening"]["flags"]) is diverged
+    assert record["cell_identity"]["judge_model"] == block["model"] != ""  # the A.9 card names the judge
+    summary = Path(results[0].paths["summary"]).read_text()
+    assert "measurement divergence: **" + ("yes" if diverged else "no") + "**" in summary
