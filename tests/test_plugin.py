@@ -3,8 +3,9 @@
 Evidence is real scoring: refusal profiles measured by the pattern detector and
 ``features.build_profile`` from completions, written as external-screen manifests
 (``manifest.build_request``), then screened by the plugin through ``manifest`` +
-``screen.screen_profiles`` + ``policy.decide``. The slow test at the end runs
-``pytest gate/`` on real GGUF models.
+``screen.screen_profiles`` + ``policy.decide``. The slow tests at the end build
+manifests from real GGUF completions (Qwen2.5-Coder ladder, SmolLM2) and run
+``pytest gate/`` on real GGUF models end to end, with a signed record.
 """
 
 from __future__ import annotations
