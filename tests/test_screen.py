@@ -152,3 +152,24 @@ def test_table_lists_band_rtsi_rates_and_verdict(default_policy) -> None:
     assert set(rule.replace(" ", "")) == {"-"}
     assert row.split()[:3] == ["external_candidate", "LOW", "0.000"]
     assert "75% [" in row and "-> 75% [" in row and row.endswith("pass")
+
+
+def test_progress_counts_and_draws_only_on_a_terminal() -> None:
+    import os
+
+    from pytest_quantsafe.progress import GenerationProgress, wants_bar
+    from pytest_quantsafe.types import Completion
+
+    master, slave = os.openpty()
+    with os.fdopen(slave, "w") as tty, open(os.devnull, "w") as pipe_like:
+        assert wants_bar(True, tty) is True
+        assert wants_bar(False, tty) is False
+        assert wants_bar(True, pipe_like) is False
+    os.close(master)
+    # Under pytest stderr is captured (not a terminal): counting only, no bar.
+    with GenerationProgress("baseline m", 5, cached=2, enabled=True) as bar:
+        assert bar._bar is None
+        for i, n in enumerate((12, 30, 7)):
+            bar.update(Completion(probe_id=f"p{i}", kind="harmful", category="c", text="x", n_tokens=n))
+    assert (bar.generated, bar.tokens) == (3, 49)
+    assert bar.summary().startswith("baseline m: 5 probes, 2 from cache, 3 generated (49 tokens in ")

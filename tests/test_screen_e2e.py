@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 #: The Qwen subset: the demo's, as in ../shared/fixtures/README.md's measurements (40 harmful, 20 benign).
 QWEN_HARMFUL, QWEN_BENIGN = DEMO_HARMFUL, DEMO_BENIGN
 #: The SmolLM2 subset for the kill-and-resume run.
-SMOL_PROBES = 24
+SMOL_PROBES = 18
 #: One engine thread: on a busy 2-core machine two threads collapse (fixtures README).
 ENGINE = {"threads": 1}
 
