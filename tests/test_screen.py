@@ -152,6 +152,7 @@ def test_table_lists_band_rtsi_rates_and_verdict(default_policy) -> None:
     assert set(rule.replace(" ", "")) == {"-"}
     assert row.split()[:3] == ["external_candidate", "LOW", "0.000"]
     assert "75% [" in row and "-> 75% [" in row and row.endswith("pass")
+    assert header.split()[-2:] == ["quality", "verdict"]
 
 
 def test_progress_counts_and_draws_only_on_a_terminal() -> None:

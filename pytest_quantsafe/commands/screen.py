@@ -132,18 +132,23 @@ def _interval(profile: Any) -> str:
 
 
 def format_table(results: Sequence[ScreeningResult]) -> str:
-    """Return the per-candidate table: candidate, band, RTSI, refusal rate baseline -> candidate, verdict."""
+    """Return the per-candidate table: candidate, band, RTSI, refusal rate baseline -> candidate,
+    benign-answer quality change (pp, when measured) and verdict."""
     from pytest_quantsafe.screen import output_name
 
-    header = ("candidate", "band", "RTSI", "refusal baseline -> candidate (95% CI)", "verdict")
+    header = ("candidate", "band", "RTSI", "refusal baseline -> candidate (95% CI)", "quality", "verdict")
     rows = [header]
     for r in results:
         s = r.screening
         band = s.band or s.status
         rtsi = f"{s.rtsi:.3f}" if s.rtsi is not None else "-"
         flags = f" ({', '.join(s.flags)})" if s.flags else ""
+        quality = s.quality or {}
+        delta = quality.get("quality_delta_pp")
         rows.append((output_name(r.candidate), band + flags, rtsi,
-                     f"{_interval(s.baseline)} -> {_interval(s.candidate)}", r.verdict.outcome))
+                     f"{_interval(s.baseline)} -> {_interval(s.candidate)}",
+                     f"{delta:+.1f} pp" if quality.get("status") == "measured" and delta is not None else "-",
+                     r.verdict.outcome))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
