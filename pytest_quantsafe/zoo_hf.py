@@ -5,7 +5,7 @@ packaged GGUF (zoo.py): transformers dequantizes it (``gguf_file=``), the GGUF
 quantization config is dropped, the model is rebuilt from its config, the
 dequantized weights are loaded into it and saved as an ordinary safetensors
 checkpoint. Quantized variants are then made from that checkpoint with the
-quantizers transformers drives (bitsandbytes nf4 / int8) and saved with
+quantizers transformers drives (bitsandbytes nf4 / int8, torchao int8 weight-only) and saved with
 ``save_pretrained``.
 
 Everything lands under ``zoo.cache_dir()/"hf"`` in folders keyed by the source
@@ -25,6 +25,7 @@ import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from pytest_quantsafe import zoo
 from pytest_quantsafe.errors import ModelLoadError, QuantSafeError
@@ -35,7 +36,7 @@ RECIPE_VERSION = "1"
 #: Marker written last into a complete checkpoint folder.
 MARKER = "quantsafe-build.json"
 #: Quantized variants this module can produce, and the package each needs.
-VARIANTS: dict[str, str] = {"bnb-nf4": "bitsandbytes", "bnb-int8": "bitsandbytes"}
+VARIANTS: dict[str, str] = {"bnb-nf4": "bitsandbytes", "bnb-int8": "bitsandbytes", "torchao-int8": "torchao"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                     "generation_config.json")
 
@@ -107,7 +108,7 @@ def dequantized_checkpoint(name: str = "smollm2-135m-q4_1") -> Path:
 
 
 def quantized_variant(source: Path, variant: str) -> Path:
-    """Return the folder of ``variant`` ("bnb-nf4", "bnb-int8") quantized from HF checkpoint ``source``."""
+    """Return the folder of ``variant`` ("bnb-nf4", "bnb-int8", "torchao-int8") quantized from checkpoint ``source``."""
     if variant not in VARIANTS:
         raise ModelLoadError(f"unknown HF variant {variant!r}", fix=f"choose one of {sorted(VARIANTS)}")
     package = VARIANTS[variant]
@@ -122,16 +123,22 @@ def quantized_variant(source: Path, variant: str) -> Path:
         raise ModelLoadError(f"the {variant} variant needs the package {package}", where=variant,
                              fix=f"pip install {package}")
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TorchAoConfig
 
+    qconfig: Any
     if variant == "bnb-nf4":
         qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                      bnb_4bit_compute_dtype=torch.float32)
-    else:
+    elif variant == "bnb-int8":
         qconfig = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        qconfig = TorchAoConfig(quant_type=Int8WeightOnlyConfig())
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=hf_dir()))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(source), quantization_config=qconfig, device_map="cpu")
+        model = AutoModelForCausalLM.from_pretrained(str(source), quantization_config=qconfig, device_map="cpu",
+                                                     dtype=torch.float32)
         model.save_pretrained(str(tmp))
         for fname in _TOKENIZER_FILES:
             if (source / fname).is_file() and not (tmp / fname).exists():

@@ -68,11 +68,12 @@ def smollm2_hf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_hf_variants(smollm2_hf: Path) -> dict[str, Path]:
-    """Return the bitsandbytes nf4 and int8 checkpoints quantized from ``smollm2_hf`` (built once per machine)."""
+    """Return the bitsandbytes nf4 / int8 and torchao int8 checkpoints quantized from ``smollm2_hf`` (built once)."""
     pytest.importorskip("bitsandbytes")
+    pytest.importorskip("torchao")
     from pytest_quantsafe import zoo_hf
 
-    return {v: zoo_hf.quantized_variant(smollm2_hf, v) for v in ("bnb-nf4", "bnb-int8")}
+    return {v: zoo_hf.quantized_variant(smollm2_hf, v) for v in ("bnb-nf4", "bnb-int8", "torchao-int8")}
 
 
 @pytest.fixture(scope="session")

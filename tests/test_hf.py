@@ -66,11 +66,14 @@ def test_resolve_hashes_every_weight_file(f32_artifact, smollm2_hf: Path) -> Non
     assert detect_engine(str(smollm2_hf)) == "hf"
 
 
-def test_resolve_names_the_bitsandbytes_variants(hf, smollm2_hf_variants: dict[str, Path]) -> None:
+def test_resolve_names_the_quantized_variants(hf, smollm2_hf_variants: dict[str, Path]) -> None:
     nf4 = hf.resolve(str(smollm2_hf_variants["bnb-nf4"]))
     int8 = hf.resolve(str(smollm2_hf_variants["bnb-int8"]))
+    torchao = hf.resolve(str(smollm2_hf_variants["torchao-int8"]))
     assert (nf4.quantization, int8.quantization) == ("bnb-nf4", "bnb-int8")
+    assert torchao.quantization == "torchao:Int8WeightOnlyConfig"
     assert nf4.metadata["quant_method"] == "bitsandbytes"
+    assert len({nf4.digest, int8.digest, torchao.digest}) == 3
     sizes = {q: sum(f.size for f in a.files) for q, a in (("nf4", nf4), ("int8", int8))}
     assert sizes["nf4"] < sizes["int8"] < 300_000_000
 
@@ -169,7 +172,7 @@ def test_gguf_baseline_loads_with_gguf_file(hf, f32_artifact, smollm2_gguf: Path
 
 
 @pytest.mark.slow
-def test_two_quantized_variants_screened_end_to_end(smollm2_hf: Path, smollm2_hf_variants: dict[str, Path],
+def test_three_quantized_variants_screened_end_to_end(smollm2_hf: Path, smollm2_hf_variants: dict[str, Path],
                                                     tmp_path: Path) -> None:
     from pytest_quantsafe.policy import load_policy
     from pytest_quantsafe.probes import load_probes, select
@@ -180,11 +183,11 @@ def test_two_quantized_variants_screened_end_to_end(smollm2_hf: Path, smollm2_hf
     policy = dataclasses.replace(load_policy("default"), min_baseline_refusals=1,
                                  generation=GenerationConfig(max_new_tokens=24, batch_size=12))
     probes = select(load_probes(), 8, 4)
-    candidates = [str(smollm2_hf_variants["bnb-nf4"]), str(smollm2_hf_variants["bnb-int8"])]
+    candidates = [str(smollm2_hf_variants[v]) for v in ("bnb-nf4", "bnb-int8", "torchao-int8")]
     results = screen_models(str(smollm2_hf), candidates, policy=policy, probes=probes, out_dir=tmp_path / "out",
                             engine="hf", engine_options={"threads": 2}, cache_dir=tmp_path / "cache",
                             progress=False)
-    assert [r.candidate.quantization for r in results] == ["bnb-nf4", "bnb-int8"]
+    assert [r.candidate.quantization for r in results] == ["bnb-nf4", "bnb-int8", "torchao:Int8WeightOnlyConfig"]
     for result in results:
         record = json.loads(Path(result.paths["record"]).read_text())
         screening = record["screening"]

@@ -89,6 +89,12 @@ def quantization_label(config: dict[str, Any]) -> str:
         return f"compressed-tensors:{q.get('format', 'unknown')}"
     if method == "quanto":
         return f"quanto-{q.get('weights', '?')}"
+    if method == "torchao":
+        kind = q.get("quant_type")
+        if isinstance(kind, dict):  # {"default": {"_type": "Int8WeightOnlyConfig", ...}}
+            kind = (kind.get("default") or {}).get("_type", "unknown") if isinstance(kind.get("default"), dict) \
+                else kind.get("_type", "unknown")
+        return f"torchao:{kind}"
     return method
 
 
