@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true", help="also time full default-probe screenings (135M, 0.5B)")
     ap.add_argument("--write", type=Path, help="replace the engine section of this Markdown file")
     args = ap.parse_args(argv)
-    command = "  ".join([".venv/bin/python benchmarks/screen_throughput.py", *(argv or sys.argv[1:])]).strip()
+    command = " ".join([".venv/bin/python benchmarks/screen_throughput.py", *(argv or sys.argv[1:])]).strip()
 
     path = zoo.fetch(zoo.SOURCE_ALIASES[args.model]) if args.model in zoo.SOURCE_ALIASES else Path(args.model)
     default = load_probes()
