@@ -260,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                   "| candidate generation | tokens | wall s | CPU s | pattern refusals |", "|---|---|---|---|---|",
                   *(f"| {r.name} | {r.tokens} | {r.seconds + r.load_seconds:.1f} (load {r.load_seconds:.1f}) "
                     f"| {r.cpu_seconds:.1f} | {r.refusals} |" for r in screens), "",
-                  ("Wall time includes starting the worker and loading the model; scoring and writing the record "
-                  "take well under a second on top."), ""]
+                  ("Wall time includes starting the worker and loading the model; scoring and writing the "
+                   "record are not included."), ""]
     lines.append(SECTION_END)
     text = "\n".join(lines)
     print(text)
