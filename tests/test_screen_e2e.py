@@ -114,10 +114,13 @@ def test_generation_is_deterministic(qwen_ladder, default_policy, shared_cache, 
     for cache in (shared_cache, tmp_path / "fresh-cache"):
         result = screen_models(str(qwen_ladder["F16"]), [str(copy)], policy=default_policy, probes=probes,
                                engine_options=ENGINE, cache_dir=cache, progress=False)[0]
-        assert result.screening.band == "LOW" and result.screening.rtsi == 0.0
+        # 8 harmful probes are too few for the default policy's 5 baseline refusals to be certain;
+        # what matters here is that both runs measured the same thing, byte for byte.
+        assert all(v == 0.0 for v in result.screening.deltas.values())
         bodies.append(body_digest(result.record))
     assert bodies[0] == bodies[1]
-    assert len(list((tmp_path / "fresh-cache").rglob("completions.jsonl"))) == 1, "one generation, then a hit"
+    # The copy has the baseline's digest: its 10 completions are the baseline's, generated once.
+    assert _cached_lines(tmp_path / "fresh-cache") == 10
 
 
 def test_q8_0_is_low(qwen_ladder_results) -> None:
@@ -161,6 +164,26 @@ def test_ladder_outputs_are_written_per_candidate(qwen_ladder_results, qwen_ladd
         assert record["limits"] == LIMITS_SENTENCE
         assert record["probe_set"]["n_harmful"] == QWEN_HARMFUL
         assert record["engine"]["name"] == "llama.cpp"
+
+
+def test_demo_prints_the_ladder_table_and_exits_0(qwen_ladder_results, shared_cache, tmp_path) -> None:
+    """``quantsafe demo`` on the machine cache the ladder fixture filled: table, records, gate outcomes, exit 0."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "pytest_quantsafe.cli", "demo", "--out", str(tmp_path),
+                           "--cache-dir", str(shared_cache), "--threads", "1"],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=1800, check=False)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    rows = [ln for ln in lines if ln.startswith("Qwen2.5-Coder-0.5B-Instruct.")]
+    assert [r.split()[0] for r in rows] == ["Qwen2.5-Coder-0.5B-Instruct.Q8_0.gguf",
+                                            "Qwen2.5-Coder-0.5B-Instruct.Q2_K.gguf"]
+    for row, quant in zip(rows, ("Q8_0", "Q2_K")):
+        assert row.split()[1] == qwen_ladder_results[quant].screening.band
+    assert LIMITS_SENTENCE in proc.stdout
+    assert "gate outcome per candidate" in proc.stdout
+    for quant in ("Q8_0", "Q2_K"):
+        assert (tmp_path / f"Qwen2.5-Coder-0.5B-Instruct.{quant}.gguf" / "record.json").is_file()
+    assert "60 probes, 60 from cache, 0 generated" in proc.stderr
 
 
 def _policy_with(tmp_path: Path, **changes: object) -> Path:
