@@ -296,13 +296,13 @@ def screen_models(
         # the quality measure compares whole benign answers, so those are generated in full.
         full_text_kinds = frozenset({"harmful", "benign"} if judge else {"benign"} if embedder else set())
         base_completions = _complete(base_side, probe_set, config, cache, engines, full_text_kinds=full_text_kinds,
-                                     progress=progress, label=f"baseline {base_side.artifact.name}")
+                                     progress=progress, label=f"baseline {output_name(base_side.artifact)}")
         base_labelled = refusal.label(base_completions, detector)
         base_profile = features.build_profile(base_labelled, detector.name)
         results: list[ScreeningResult] = []
         for side in cand_sides:
             completions = _complete(side, probe_set, config, cache, engines, full_text_kinds=full_text_kinds,
-                                    progress=progress, label=f"candidate {side.artifact.name}")
+                                    progress=progress, label=f"candidate {output_name(side.artifact)}")
             labelled = refusal.label(completions, detector)
             profile = features.build_profile(labelled, detector.name)
             engine_info = _engine_info(engines.get(side.engine_name)[0].engine_id())
