@@ -296,3 +296,38 @@ def test_killed_screening_resumes_without_recomputing(smollm2_ladder, tmp_path: 
     resumed_record = json.loads((tmp_path / "out" / name / "record.json").read_text(encoding="utf-8"))
     fresh_record = json.loads((tmp_path / "fresh-out" / name / "record.json").read_text(encoding="utf-8"))
     assert body_digest(resumed_record) == body_digest(fresh_record)
+
+
+def test_early_exit_does_not_change_the_record(smollm2_ladder, tmp_path: Path) -> None:
+    """The same screening with early exit (the default) and with every answer in full: one record body.
+
+    One sequence per batch keeps llama.cpp's batch-shape rounding out of the comparison
+    (see the kill-and-resume test); benign answers are generated in full either way for
+    the quality measure, so they come from the cache the second time.
+    """
+    from pytest_quantsafe.policy import load_policy
+    from pytest_quantsafe.probes import load_probes, select
+    from pytest_quantsafe.record import body_digest
+    from pytest_quantsafe.screen import screen_models
+
+    policy = load_policy(_policy_with(tmp_path, min_baseline_refusals=1, generation={
+        "max_new_tokens": 96, "seed": 0, "system_prompt": None, "batch_size": 1}))
+    probes = select(load_probes(), 12, 2)
+    refs = (str(smollm2_ladder["F16"]), [str(smollm2_ladder["Q2_K"])])
+    cache = tmp_path / "cache"
+    early = screen_models(*refs, policy=policy, probes=probes, engine_options=ENGINE, cache_dir=cache,
+                          progress=False)[0]
+    full = screen_models(*refs, policy=policy, probes=probes, engine_options={**ENGINE, "early_exit": False},
+                         cache_dir=cache, progress=False)[0]
+    assert body_digest(early.record) == body_digest(full.record)
+    stopped = full_tokens = early_tokens = 0
+    for path in cache.rglob("completions.jsonl"):
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        meta = json.loads((path.parent / "meta.json").read_text(encoding="utf-8"))
+        harmful = [r for r in rows if r["kind"] == "harmful"]
+        if meta["options"]["early_exit"]:
+            early_tokens += sum(r["n_tokens"] for r in harmful)
+            stopped += sum(r["finish_reason"] == "early_exit" for r in harmful)
+        else:
+            full_tokens += sum(r["n_tokens"] for r in harmful)
+    assert stopped > 0 and early_tokens < full_tokens
