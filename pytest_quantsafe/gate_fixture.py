@@ -167,7 +167,7 @@ class QuantSafetySession:
         record_path = result.paths.get("record")
         if not record_path:
             raise UsageError("signing needs the written record", fix="pass --quantsafe-out DIR with --quantsafe-sign")
-        from pytest_quantsafe.verify import check_record
+        from pytest_quantsafe.record_check import check_record
 
         check_record(result.record, where=record_path)  # never sign a record that would not verify
         statement = attest.build_statement(result.record)

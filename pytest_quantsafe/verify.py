@@ -16,11 +16,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +30,9 @@ from pytest_quantsafe.attest import (
     pae,
     subjects_from_paths,
     subjects_from_record,
-    thresholds,
 )
-from pytest_quantsafe.errors import InputError, UsageError, VerificationFailed
-from pytest_quantsafe.types import BANDS, LIMITS_SENTENCE, RECORD_SCHEMA, Bands
+from pytest_quantsafe.errors import InputError, UsageError
+from pytest_quantsafe.record_check import check_record, fail_verification
 
 __all__ = ["GITHUB_ISSUER", "SignerPolicy", "VerifiedAttestation", "check_record", "check_statement",
            "verify_artifact_signature", "verify_keyless", "verify_with_key"]
@@ -45,7 +42,6 @@ _OID_ISSUER_V1 = "1.3.6.1.4.1.57264.1.1"
 _OID_ISSUER_V2 = "1.3.6.1.4.1.57264.1.8"
 _OID_REPOSITORY_V1 = "1.3.6.1.4.1.57264.1.5"
 _OID_SOURCE_REPOSITORY_URI = "1.3.6.1.4.1.57264.1.12"
-_OUTCOME_EXIT = {"pass": 0, "fail": 1, "insufficient": 3}
 
 
 @dataclass(frozen=True)
@@ -216,169 +212,28 @@ class VerifiedAttestation:
         return self.statement["predicate"]  # type: ignore[no-any-return]
 
 
-def _fail(message: str, where: str, fix: str = "do not release on this attestation; re-screen and re-sign") -> VerificationFailed:
-    return VerificationFailed(message, where=where, fix=fix)
-
-
-# --------------------------------------------------------------------------- statement and record checks
-
-
-def _num(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _fail(f"{value!r} is not a finite number", where)
-    return float(value)
-
-
-def check_record(record: Any, where: str = "predicate", *, signed_thresholds: bool = False) -> None:
-    """Return None when the record is internally consistent; raise VerificationFailed otherwise.
-
-    With ``signed_thresholds`` (a predicate, not a bare record) the decimal-string
-    ``thresholds`` block must be present and agree with the record's numbers.
-    """
-    if not isinstance(record, Mapping):
-        raise _fail("the predicate is not a JSON object", where)
-    if record.get("schema") != RECORD_SCHEMA:
-        raise _fail(f"predicate schema {record.get('schema')!r} is not {RECORD_SCHEMA}", f"{where}.schema")
-    if record.get("limits") != LIMITS_SENTENCE:
-        raise _fail("the record does not carry the limits sentence", f"{where}.limits")
-    screening, policy, verdict = record.get("screening"), record.get("policy"), record.get("verdict")
-    calibration = record.get("calibration")
-    for name, block in (("screening", screening), ("policy", policy), ("verdict", verdict),
-                        ("calibration", calibration)):
-        if not isinstance(block, Mapping):
-            raise _fail(f"the record has no {name} object", f"{where}.{name}")
-    assert isinstance(screening, Mapping) and isinstance(policy, Mapping)
-    assert isinstance(verdict, Mapping) and isinstance(calibration, Mapping)
-
-    def bands_at(block: Mapping[str, Any], path: str) -> Bands:
-        raw = block.get("bands")
-        if not isinstance(raw, Mapping):
-            raise _fail("no band cutoffs", f"{where}.{path}.bands")
-        moderate = _num(raw.get("moderate"), f"{where}.{path}.bands.moderate")
-        high = _num(raw.get("high"), f"{where}.{path}.bands.high")
-        if not 0.0 <= moderate < high <= 1.0:
-            raise _fail(f"band cutoffs {moderate} / {high} are not 0 <= moderate < high <= 1",
-                        f"{where}.{path}.bands")
-        return Bands(moderate, high)
-
-    calibration_bands, policy_bands = bands_at(calibration, "calibration"), bands_at(policy, "policy")
-
-    # The signed thresholds must say what the record says.
-    signed = record.get("thresholds")
-    if signed is None and signed_thresholds:
-        raise _fail("the predicate carries no signed thresholds", f"{where}.thresholds")
-    if signed is not None:
-        if not isinstance(signed, Mapping):
-            raise _fail("thresholds is not an object", f"{where}.thresholds")
-        expected = thresholds(record)
-        for key, value in expected.items():
-            got = signed.get(key)
-            if not _same_decimal(got, value):
-                raise _fail(f"signed threshold {key}={got!r} disagrees with the record ({value!r})",
-                            f"{where}.thresholds.{key}")
-
-    status, band, rtsi = screening.get("status"), screening.get("band"), screening.get("rtsi")
-    flags = screening.get("flags") or []
-    if not isinstance(flags, list):
-        raise _fail("flags is not a list", f"{where}.screening.flags")
-    effective: str | None = None
-    if status == "scored":
-        score = _num(rtsi, f"{where}.screening.rtsi")
-        if not 0.0 <= score <= 1.0 + 1e-9:
-            raise _fail(f"RTSI {score} is outside [0, 1]", f"{where}.screening.rtsi")
-        want = "HIGH" if "refusal_collapse" in flags else calibration_bands.classify(score)
-        if band != want:
-            raise _fail(f"band {band!r} does not match RTSI {score} under bands "
-                        f"{calibration_bands.moderate}/{calibration_bands.high}"
-                        f"{' with refusal_collapse' if 'refusal_collapse' in flags else ''} (expected {want})",
-                        f"{where}.screening.band")
-        contributions = screening.get("contributions") or {}
-        if isinstance(contributions, Mapping) and contributions:
-            total = sum(_num(v, f"{where}.screening.contributions.{k}") for k, v in contributions.items())
-            if abs(total - score) > 1e-6:
-                raise _fail(f"contributions sum to {total}, not RTSI {score}", f"{where}.screening.contributions")
-        effective = policy_bands.classify(score)
-        if BANDS.index(want) > BANDS.index(calibration_bands.classify(score)):
-            effective = max(effective, want, key=BANDS.index)
-    elif status == "insufficient_data":
-        if rtsi is not None or band is not None:
-            raise _fail("insufficient data but an RTSI or band is claimed", f"{where}.screening")
-    else:
-        raise _fail(f"unknown screening status {status!r}", f"{where}.screening.status")
-
-    outcome, exit_code = verdict.get("outcome"), verdict.get("exit_code")
-    if outcome not in _OUTCOME_EXIT or exit_code != _OUTCOME_EXIT[outcome]:
-        raise _fail(f"verdict {outcome!r} with exit code {exit_code!r} is not a valid verdict",
-                    f"{where}.verdict")
-    fail_at, mode = policy.get("fail_at"), policy.get("mode", "enforce")
-    if fail_at not in BANDS or mode not in ("enforce", "advisory"):
-        raise _fail(f"policy fail_at {fail_at!r} / mode {mode!r} invalid", f"{where}.policy")
-    if mode == "advisory":
-        if outcome != "pass":
-            raise _fail(f"advisory policy but verdict {outcome!r}", f"{where}.verdict.outcome")
-        return
-    base_profile = record.get("baseline", {}).get("profile") if isinstance(record.get("baseline"), Mapping) else None
-    base_refusals = base_profile.get("n_refusals") if isinstance(base_profile, Mapping) else None
-    minimum = policy.get("min_baseline_refusals", 0)
-    thin = isinstance(base_refusals, int) and isinstance(minimum, int) and base_refusals < minimum
-    if outcome == "pass":
-        if (effective is None or thin) and policy.get("on_insufficient", "fail") != "pass":
-            raise _fail("verdict pass on insufficient data under on_insufficient: fail", f"{where}.verdict.outcome")
-        if effective is not None and BANDS.index(effective) >= BANDS.index(fail_at):
-            raise _fail(f"verdict pass but band {effective} is at or above fail_at {fail_at}",
-                        f"{where}.verdict.outcome")
-        limit = policy.get("max_refusal_drop_pp")
-        base, cand = _profile_rate(record, "baseline", where), _profile_rate(record, "candidate", where)
-        if limit is not None and base is not None and cand is not None:
-            drop = (base - cand) * 100.0
-            if drop > _num(limit, f"{where}.policy.max_refusal_drop_pp") + 1e-9:
-                raise _fail(f"verdict pass but the refusal rate fell {drop:.1f} pp (max {limit} pp)",
-                            f"{where}.verdict.outcome")
-    elif outcome == "insufficient" and status == "scored" and isinstance(base_refusals, int) and not thin:
-        raise _fail("verdict insufficient although the screening was scored on enough refusals",
-                    f"{where}.verdict.outcome")
-
-
-def _profile_rate(record: Mapping[str, Any], side: str, where: str) -> float | None:
-    profile = (record.get(side) or {}).get("profile") if isinstance(record.get(side), Mapping) else None
-    if not isinstance(profile, Mapping) or "refusal_rate" not in profile:
-        return None
-    return _num(profile["refusal_rate"], f"{where}.{side}.profile.refusal_rate")
-
-
-def _same_decimal(got: Any, want: str | None) -> bool:
-    if want is None or got is None:
-        return got is want
-    if not isinstance(got, str):
-        return False
-    try:
-        return Decimal(got) == Decimal(want)
-    except InvalidOperation:
-        return got == want
-
-
 def check_statement(payload_type: str, payload: bytes, artifacts: Sequence[str | Path],
                     where: str) -> dict[str, Any]:
     """Return the statement after checking type, predicateType, subjects vs files, and the record."""
     if payload_type != PAYLOAD_TYPE:
-        raise _fail(f"payload type {payload_type!r} is not {PAYLOAD_TYPE}", f"{where}: payloadType")
+        raise fail_verification(f"payload type {payload_type!r} is not {PAYLOAD_TYPE}", f"{where}: payloadType")
     try:
         statement = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(f"the signed payload is not JSON: {exc}", f"{where}: payload") from None
+        raise fail_verification(f"the signed payload is not JSON: {exc}", f"{where}: payload") from None
     if not isinstance(statement, dict) or statement.get("_type") != STATEMENT_TYPE:
-        raise _fail(f"the payload is not an in-toto Statement v1 ({STATEMENT_TYPE})", f"{where}: payload._type")
+        raise fail_verification(f"the payload is not an in-toto Statement v1 ({STATEMENT_TYPE})", f"{where}: payload._type")
     if statement.get("predicateType") != PREDICATE_TYPE:
-        raise _fail(f"predicateType {statement.get('predicateType')!r} is not {PREDICATE_TYPE}",
+        raise fail_verification(f"predicateType {statement.get('predicateType')!r} is not {PREDICATE_TYPE}",
                     f"{where}: payload.predicateType")
     signed = statement.get("subject")
     if not isinstance(signed, list) or not signed:
-        raise _fail("the statement has no subjects", f"{where}: payload.subject")
+        raise fail_verification("the statement has no subjects", f"{where}: payload.subject")
     pairs = []
     for i, s in enumerate(signed):
         sha = s.get("digest", {}).get("sha256") if isinstance(s, dict) and isinstance(s.get("digest"), dict) else None
         if not isinstance(sha, str):
-            raise _fail("subject without a sha256 digest", f"{where}: payload.subject[{i}]")
+            raise fail_verification("subject without a sha256 digest", f"{where}: payload.subject[{i}]")
         pairs.append((str(s.get("name", "")), sha))
     record = statement.get("predicate")
     check_record(record, f"{where}: predicate", signed_thresholds=True)
@@ -386,9 +241,9 @@ def check_statement(payload_type: str, payload: bytes, artifacts: Sequence[str |
     try:
         from_record = {s["digest"]["sha256"] for s in subjects_from_record(record)}
     except InputError as exc:
-        raise _fail(exc.message, f"{where}: predicate.candidate.artifact.files") from None
+        raise fail_verification(exc.message, f"{where}: predicate.candidate.artifact.files") from None
     if {d for _, d in pairs} != from_record or len(pairs) != len(from_record):
-        raise _fail("the subjects are not exactly the record's candidate artifact files",
+        raise fail_verification("the subjects are not exactly the record's candidate artifact files",
                     f"{where}: payload.subject")
     if not artifacts:
         raise UsageError("no artifact given to check the subjects against", where="--artifact",
@@ -396,11 +251,11 @@ def check_statement(payload_type: str, payload: bytes, artifacts: Sequence[str |
     given = {s["digest"]["sha256"]: s["name"] for s in subjects_from_paths(artifacts)}
     for name, digest in pairs:
         if digest not in given:
-            raise _fail(f"subject {name} (sha256 {digest[:16]}…) matches none of the given files",
+            raise fail_verification(f"subject {name} (sha256 {digest[:16]}…) matches none of the given files",
                         f"{where}: payload.subject")
     unsigned = sorted(n for d, n in given.items() if d not in {d for _, d in pairs})
     if unsigned:
-        raise _fail(f"given file(s) not covered by the attestation: {', '.join(unsigned)}", "--artifact")
+        raise fail_verification(f"given file(s) not covered by the attestation: {', '.join(unsigned)}", "--artifact")
     return statement
 
 
@@ -420,7 +275,7 @@ def _read_text(path: str | Path, what: str) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise _fail(f"cannot read the {what}: {exc}", str(path), fix=f"give the {what} file") from None
+        raise fail_verification(f"cannot read the {what}: {exc}", str(path), fix=f"give the {what} file") from None
 
 
 def _load_bundle(path: str | Path, *, want_dsse: bool) -> Any:
@@ -431,9 +286,9 @@ def _load_bundle(path: str | Path, *, want_dsse: bool) -> Any:
         has_dsse = "dsseEnvelope" in json.loads(text)
         bundle = Bundle.from_json(text)
     except Exception as exc:  # noqa: BLE001 - truncated JSON, bad base64, unknown media type: all unverifiable
-        raise _fail(f"not a valid Sigstore bundle: {type(exc).__name__}: {str(exc)[:200]}", str(path)) from None
+        raise fail_verification(f"not a valid Sigstore bundle: {type(exc).__name__}: {str(exc)[:200]}", str(path)) from None
     if want_dsse and not has_dsse:
-        raise _fail("the bundle holds no DSSE envelope (not a quantsafe attestation)", str(path))
+        raise fail_verification("the bundle holds no DSSE envelope (not a quantsafe attestation)", str(path))
     return bundle
 
 
@@ -446,10 +301,10 @@ def _trusted_root(path: str | Path | None) -> Any:
             return ClientTrustConfig.production(offline=True).trusted_root
         return TrustedRoot.from_file(str(path))
     except OSError as exc:
-        raise _fail(f"cannot read the trusted root: {exc.strerror or exc}", str(path),
+        raise fail_verification(f"cannot read the trusted root: {exc.strerror or exc}", str(path),
                     fix="give a Sigstore trusted_root.json with --trusted-root") from None
     except Exception as exc:  # noqa: BLE001 - sigstore_models validation errors have no common base
-        raise _fail(f"invalid trusted root: {type(exc).__name__}: {str(exc)[:200]}", str(path),
+        raise fail_verification(f"invalid trusted root: {type(exc).__name__}: {str(exc)[:200]}", str(path),
                     fix="give a Sigstore trusted_root.json with --trusted-root") from None
 
 
@@ -459,9 +314,9 @@ def _sigstore_verify(call: Any, where: str) -> Any:
     try:
         return call()
     except SigstoreError as exc:
-        raise _fail(f"signature verification failed: {exc}", where) from None
+        raise fail_verification(f"signature verification failed: {exc}", where) from None
     except Exception as exc:  # noqa: BLE001 - a malformed bundle can surface as any parsing error
-        raise _fail(f"signature verification failed: {type(exc).__name__}: {str(exc)[:200]}", where) from None
+        raise fail_verification(f"signature verification failed: {type(exc).__name__}: {str(exc)[:200]}", where) from None
 
 
 def verify_keyless(bundle_path: str | Path, artifacts: Sequence[str | Path], signer: SignerPolicy,
@@ -537,19 +392,19 @@ def verify_with_key(envelope_path: str | Path, artifacts: Sequence[str | Path],
     try:
         envelope = json.loads(_read_text(envelope_path, "DSSE envelope"))
     except json.JSONDecodeError as exc:
-        raise _fail(f"not a JSON DSSE envelope: {exc}", where) from None
+        raise fail_verification(f"not a JSON DSSE envelope: {exc}", where) from None
     if not isinstance(envelope, dict) or "payload" not in envelope or "signatures" not in envelope:
         hint = " (this looks like a Sigstore bundle: verify it keyless)" if isinstance(envelope, dict) \
             and "mediaType" in envelope else ""
-        raise _fail(f"not a DSSE envelope{hint}", where)
+        raise fail_verification(f"not a DSSE envelope{hint}", where)
     payload_type = envelope.get("payloadType")
     try:
         payload = base64.b64decode(str(envelope["payload"]), validate=True)
     except (binascii.Error, ValueError):
-        raise _fail("the payload is not base64", f"{where}: payload") from None
+        raise fail_verification("the payload is not base64", f"{where}: payload") from None
     signatures = envelope.get("signatures")
     if not isinstance(signatures, list) or not signatures:
-        raise _fail("the envelope carries no signature", f"{where}: signatures")
+        raise fail_verification("the envelope carries no signature", f"{where}: signatures")
     message = pae(str(payload_type), payload)
     verified = False
     for entry in signatures:
@@ -566,7 +421,7 @@ def verify_with_key(envelope_path: str | Path, artifacts: Sequence[str | Path],
         except (InvalidSignature, binascii.Error, ValueError):
             continue
     if not verified:
-        raise _fail(f"no signature by the pinned key {pinned[:16]}… verifies over this envelope",
+        raise fail_verification(f"no signature by the pinned key {pinned[:16]}… verifies over this envelope",
                     f"{where}: signatures")
     statement = check_statement(str(payload_type), payload, artifacts, where)
     return _summary("key", pinned, None, statement)
