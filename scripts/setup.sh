@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (idempotently) a virtual environment with quantsafe and its engines.
-#   scripts/setup.sh demo   -> GGUF engine + signing (enough for `quantsafe demo`)
+#   scripts/setup.sh demo   -> GGUF engine, quality retention, signing (enough for `quantsafe demo`)
 #   scripts/setup.sh test   -> everything the test suite needs (adds torch, transformers, ...)
 # Heavy things are cached outside the clone, keyed by what built them, so a fresh
 # clone on the same machine reuses them: $QUANTSAFE_CACHE (default ~/.cache/quantsafe).
@@ -19,7 +19,7 @@ LLAMA_FLAGS="${QUANTSAFE_LLAMA_CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGM
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 case "$profile" in
-  demo) extras="gguf,sign" ;;
+  demo) extras="gguf,quality,sign" ;;
   test) extras="all,dev" ;;
   *) echo "usage: scripts/setup.sh [demo|test]" >&2; exit 2 ;;
 esac
@@ -31,7 +31,7 @@ fi
 pip_() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 
 # torch first and pinned, so nothing later pulls a CUDA build of several GB.
-if [ "$profile" = test ] && ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
   log "installing torch==2.13.0 (CPU build from local disk)"
   pip_ install -q "torch==2.13.0"
 fi

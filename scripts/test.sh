@@ -5,7 +5,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 bash "$root/scripts/setup.sh" test
 cd "$root"
 set +e
-"${QUANTSAFE_VENV:-$root/.venv}/bin/python" -m pytest tests -p no:cacheprovider "$@"
+"${QUANTSAFE_VENV:-$root/.venv}/bin/python" -m pytest tests -p no:cacheprovider --durations=15 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
