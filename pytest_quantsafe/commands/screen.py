@@ -172,7 +172,13 @@ def _verdict_lines(results: Sequence[ScreeningResult]) -> list[str]:
     names = {EXIT_PASS: "pass", EXIT_GATE_FAILED: "gate failed", EXIT_INSUFFICIENT: "insufficient data"}
     lines = []
     for r in results:
-        why = "; ".join(r.verdict.reasons) or r.verdict.outcome
+        broken = [f"{rule.rule}: {rule.detail}" for rule in r.verdict.rules if not rule.passed]
+        if broken:
+            why = "; ".join(broken)
+        elif r.verdict.rules and r.verdict.exit_code == EXIT_PASS:
+            why = f"all {len(r.verdict.rules)} policy rules held"
+        else:
+            why = "; ".join(r.verdict.reasons) or r.verdict.outcome
         lines.append(f"{output_name(r.candidate)}: {names.get(r.verdict.exit_code, r.verdict.outcome)} "
                      f"(exit {r.verdict.exit_code}): {why}")
     return lines
