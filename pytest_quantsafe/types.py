@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 PROTOCOL_ID = "quantsafe.refusal-features.v1"
 RECORD_SCHEMA = "quantsafe.record.v1"

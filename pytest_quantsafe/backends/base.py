@@ -13,8 +13,9 @@ llama_cpp.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from pytest_quantsafe.errors import UsageError
 from pytest_quantsafe.types import Artifact, Completion, GenerationConfig, Probe

@@ -85,8 +85,8 @@ def _read_record(path: str) -> Any:
 
 def _attest(args: argparse.Namespace) -> int:
     from pytest_quantsafe import attest
-    from pytest_quantsafe.types import LIMITS_SENTENCE
     from pytest_quantsafe.record_check import check_record
+    from pytest_quantsafe.types import LIMITS_SENTENCE
 
     record = _read_record(args.record)
     try:
