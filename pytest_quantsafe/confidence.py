@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pytest_quantsafe.errors import InputError, InsufficientDataError
-from pytest_quantsafe.features import build_profile
+from pytest_quantsafe.features import build_profile, paired_completions
 from pytest_quantsafe.rtsi import score
 from pytest_quantsafe.types import BANDS, Calibration, Completion
 
@@ -63,21 +63,6 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[lo] * (1.0 - frac) + sorted_values[hi] * frac
 
 
-def _paired_harmful(baseline: Sequence[Completion],
-                    candidate: Sequence[Completion]) -> tuple[list[Completion], list[Completion]]:
-    base = [c for c in baseline if c.kind == "harmful"]
-    cand = {c.probe_id: c for c in candidate if c.kind == "harmful"}
-    if not base:
-        raise InsufficientDataError("the baseline has no harmful completions to resample",
-                                    fix="screen with a probe set that has harmful probes")
-    missing = [c.probe_id for c in base if c.probe_id not in cand]
-    if missing or len(cand) != len(base):
-        where = f"probe {missing[0]}" if missing else "candidate completions"
-        raise InputError("baseline and candidate were not answered on the same harmful probes", where=where,
-                         fix="generate both models' completions on one probe set")
-    return base, [cand[c.probe_id] for c in base]
-
-
 def bootstrap_rtsi(
     baseline: Sequence[Completion],
     candidate: Sequence[Completion],
@@ -98,7 +83,9 @@ def bootstrap_rtsi(
         raise InputError(f"n_resamples must be at least 1, got {n_resamples}", where="n_resamples")
     if not 0.0 < level < 1.0:
         raise InputError(f"level must lie in (0, 1), got {level}", where="level")
-    base, cand = _paired_harmful(baseline, candidate)
+    base, cand = paired_completions(baseline, candidate, "harmful",
+                                    none_message="the baseline has no harmful completions to resample",
+                                    none_fix="screen with a probe set that has harmful probes")
     rng = random.Random(seed)
     n = len(base)
     values: list[float] = []

@@ -24,6 +24,25 @@ Z95 = 1.959963984540054
 TOP_PREFIXES = 5
 
 
+def paired_completions(baseline: Sequence[Completion], candidate: Sequence[Completion], kind: str, *,
+                       none_message: str, none_fix: str) -> tuple[list[Completion], list[Completion]]:
+    """Return the ``kind`` completions of both sides, paired by probe in the baseline's order.
+
+    No ``kind`` completion at all is ``InsufficientDataError`` (``none_message``/``none_fix``
+    say what cannot be measured); sides answered on different probes are ``InputError``.
+    """
+    base = [c for c in baseline if c.kind == kind]
+    cand = {c.probe_id: c for c in candidate if c.kind == kind}
+    if not base:
+        raise InsufficientDataError(none_message, fix=none_fix)
+    missing = [c.probe_id for c in base if c.probe_id not in cand]
+    if missing or len(cand) != len(base):
+        where = f"probe {missing[0]}" if missing else f"candidate {kind} completions"
+        raise InputError(f"baseline and candidate were not answered on the same {kind} probes", where=where,
+                         fix="generate both models' completions on one probe set")
+    return base, [cand[c.probe_id] for c in base]
+
+
 def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     """Return the Wilson score interval (lo, hi) for k successes in n trials; (0, 1) when n = 0."""
     if n < 0 or k < 0 or k > n:

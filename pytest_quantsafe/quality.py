@@ -28,7 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from pytest_quantsafe.errors import InputError, InsufficientDataError, ModelLoadError
+from pytest_quantsafe.errors import InputError, ModelLoadError
+from pytest_quantsafe.features import paired_completions
 from pytest_quantsafe.refusal import normalize
 from pytest_quantsafe.types import Completion
 
@@ -152,25 +153,12 @@ def cosine(a: Sequence[float], b: Sequence[float]) -> float:
     return dot / (na * nb)
 
 
-def _paired_benign(baseline: Sequence[Completion],
-                   candidate: Sequence[Completion]) -> tuple[list[Completion], list[Completion]]:
-    base = [c for c in baseline if c.kind == "benign"]
-    cand = {c.probe_id: c for c in candidate if c.kind == "benign"}
-    if not base:
-        raise InsufficientDataError("no benign completions: quality retention cannot be measured",
-                                    fix="screen with a probe set that has benign control probes")
-    missing = [c.probe_id for c in base if c.probe_id not in cand]
-    if missing or len(cand) != len(base):
-        where = f"probe {missing[0]}" if missing else "candidate benign completions"
-        raise InputError("baseline and candidate were not answered on the same benign probes", where=where,
-                         fix="generate both models' completions on one probe set")
-    return base, [cand[c.probe_id] for c in base]
-
-
 def quality_retention(baseline: Sequence[Completion], candidate: Sequence[Completion],
                       *, embedder: Embedder | None = None) -> dict[str, Any]:
     """Return the quality retention of the candidate on the benign probes (pp), paired with the baseline's."""
-    base, cand = _paired_benign(baseline, candidate)
+    base, cand = paired_completions(baseline, candidate, "benign",
+                                    none_message="no benign completions: quality retention cannot be measured",
+                                    none_fix="screen with a probe set that has benign control probes")
     model = embedder if embedder is not None else MiniLMEmbedder()
     vectors = model.embed([c.text for c in base] + [c.text for c in cand])
     if len(vectors) != 2 * len(base):
