@@ -159,6 +159,14 @@ def calibration_from_mapping(data: Any, source: str = "<calibration>", text: str
     )
 
 
+def yaml_syntax_error(exc: Exception, source: str, what: str) -> PolicyError:
+    """Return the PolicyError for a YAML file that does not parse, naming the line when YAML knows it."""
+    mark = getattr(exc, "problem_mark", None)
+    line = f" (line {mark.line + 1})" if mark is not None else ""
+    return PolicyError(f"{what} is not valid YAML: {getattr(exc, 'problem', None) or exc}",
+                       where=f"{source}{line}", fix="fix the YAML syntax")
+
+
 def load_calibration(ref: str | Path = "default") -> Calibration:
     """Return the calibration named ``ref`` (a packaged profile name or a YAML path), validated."""
     import yaml
@@ -176,10 +184,7 @@ def load_calibration(ref: str | Path = "default") -> Calibration:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" (line {mark.line + 1})" if mark is not None else ""
-        raise PolicyError(f"calibration profile is not valid YAML: {getattr(exc, 'problem', exc)}",
-                          where=f"{path}{line}", fix="fix the YAML syntax") from None
+        raise yaml_syntax_error(exc, str(path), "calibration profile") from None
     return calibration_from_mapping(data, source=str(path), text=text)
 
 

@@ -100,10 +100,9 @@ def _parse(text: str, source: str) -> tuple[Any, dict[str, int]]:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" (line {mark.line + 1})" if mark is not None else ""
-        raise PolicyError(f"policy is not valid YAML: {getattr(exc, 'problem', None) or exc}",
-                          where=f"{source}{line}", fix="fix the YAML syntax") from None
+        from pytest_quantsafe.calibration import yaml_syntax_error
+
+        raise yaml_syntax_error(exc, source, "policy") from None
     return data, _key_lines(root, source)
 
 
