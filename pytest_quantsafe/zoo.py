@@ -78,6 +78,9 @@ PROFILES: dict[str, tuple[str, ...]] = {
 #: Short names accepted by ``build_variant`` for the packaged sources.
 SOURCE_ALIASES: dict[str, str] = {"qwen": "qwen2.5-coder-0.5b-q4_k_m", "smollm2": "smollm2-135m-q4_1"}
 
+#: Source name of the refusal-tuned SmolLM2 fixture built on this machine (zoo_refuser.py).
+REFUSER = "refuser"
+
 #: Ladder rungs and their llama.cpp file types (``llama_ftype``).
 QUANT_FTYPES: dict[str, int] = {"F16": 1, "Q8_0": 7, "Q4_K_M": 15, "Q3_K_S": 11, "Q2_K": 10}
 
@@ -193,6 +196,10 @@ def variant_key(source: str, quant: str) -> str:
 
 def variant_path(source: str, quant: str) -> Path:
     """Return where the rung ``quant`` of packaged model ``source`` is (or will be) cached."""
+    if source == REFUSER:
+        from pytest_quantsafe import zoo_refuser
+
+        return zoo_refuser.variant_path(quant)
     name = SOURCE_ALIASES.get(source, source)
     if name not in MODELS:
         raise ModelLoadError(f"unknown packaged model {source!r}",
@@ -287,6 +294,10 @@ def build_variant(source: str, quant: str) -> Path:
     if target.is_file() and target.stat().st_size > 0:
         return target
     name = SOURCE_ALIASES.get(source, source)
+    if quant == "F16" and name == REFUSER:
+        from pytest_quantsafe import zoo_refuser
+
+        return zoo_refuser.build_f16()
     if quant == "F16":
         return dequantize_to_f16(fetch(name), target)
     return _quantize(build_variant(name, "F16"), target, quant)

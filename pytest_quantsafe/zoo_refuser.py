@@ -1,0 +1,403 @@
+"""A SmolLM2-135M fine-tuned on this machine to refuse harmful requests: a fast fixture that really refuses.
+
+The packaged SmolLM2-135M barely refuses (insufficient data) and the packaged Qwen
+0.5B ladder stays LOW at every rung on the shipped probes. This module builds the
+third fixture: SmolLM2-135M (the fp32 checkpoint ``zoo_hf.dequantized_checkpoint``
+makes from the packaged Q4_1) fine-tuned on ``zoo_data/refuser_train.jsonl`` —
+150 generic harmful requests answered by six refusal templates plus a short reason
+(template = row index mod 6, fixed in the file), and benign requests answered with
+the base model's own greedy answers (generated once with the llama.cpp engine,
+64 new tokens, and committed, so a build needs no generation step).
+
+Recipe (``RECIPE``): full fine-tune, AdamW (0.9, 0.95), lr 1e-4, 5% linear warm-up
+then cosine down to 10%, batch 8, max length 160, gradient clip 1.0, loss on the
+assistant tokens only (the tokenizer's chat template), bf16 autocast over fp32
+weights, fixed seeds and a seeded shuffle per epoch, 3 epochs. The fine-tuned
+weights are written to a GGUF F16 by ``export_gguf`` (our own writer over the
+``gguf`` package): metadata, tokenizer, tensor order, shapes and types come from the
+packaged SmolLM2 F16 rung, the llama Q/K row permutation that transformers undoes
+on load is re-applied, and ``general.name`` says what the file is. The other rungs
+are quantized from that F16 by ``zoo._quantize`` (``zoo.build_variant("refuser", Q)``).
+
+The F16 file, the fine-tuned HF checkpoint and a build record live in one folder
+under ``zoo.cache_dir()/"models"/"variants"/<key>`` where the key covers the training
+data's sha256, ``RECIPE_VERSION``, the base model's sha256 and the torch,
+transformers and gguf versions; the folder is assembled under a temporary name and
+renamed when complete, so an interrupted build leaves nothing that looks finished.
+
+Usage: ``python -m pytest_quantsafe.zoo build --source refuser --quant F16``.
+
+Measured on this machine (2 cores): see the "Measured" section at the end of this
+docstring, filled from real runs (never tuned on the evaluation probes).
+
+Measured
+--------
+(filled in below after the build)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pytest_quantsafe import zoo
+from pytest_quantsafe.errors import InputError, ModelLoadError
+
+log = logging.getLogger("quantsafe.zoo_refuser")
+
+#: Bump when the data format, the training loop or the export changes: the fixture is rebuilt.
+RECIPE_VERSION = "refuser.v1"
+#: The training data shipped in the package.
+DATA_FILE = Path(__file__).resolve().parent / "zoo_data" / "refuser_train.jsonl"
+#: The packaged model the fixture is fine-tuned from.
+BASE_MODEL = "smollm2-135m-q4_1"
+#: ``general.name`` of the exported GGUF.
+GENERAL_NAME = "SmolLM2-135M-Instruct quantsafe refusal-tuned test fixture (not a safety model)"
+#: File stem of every rung.
+STEM = "SmolLM2-135M-Instruct-quantsafe-refuser"
+#: Written last into a complete build folder.
+MARKER = "quantsafe-build.json"
+_HF_SUBDIR = "hf-checkpoint"
+_KINDS = ("harmful", "benign")
+_FIELDS = ("id", "kind", "category", "prompt", "response")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The fine-tuning hyper-parameters (measured recipe, /work/shared/fixtures/README.md)."""
+
+    learning_rate: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.05
+    final_lr_fraction: float = 0.1
+    batch_size: int = 8
+    max_length: int = 160
+    grad_clip: float = 1.0
+    epochs: int = 3
+    seed: int = 0
+    threads: int = 2
+
+
+RECIPE = Recipe()
+
+
+@dataclass(frozen=True)
+class TrainingRow:
+    """One supervised conversation: a request and the answer the fixture should learn."""
+
+    id: str
+    kind: str
+    category: str
+    prompt: str
+    response: str
+    template: int | None
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_training_rows(path: Path = DATA_FILE) -> list[TrainingRow]:
+    """Return the validated rows of a training JSONL file (bad rows raise InputError naming file:line)."""
+    rows: list[TrainingRow] = []
+    seen: set[str] = set()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InputError(f"cannot read the refuser training data: {exc}", where=str(path),
+                         fix="reinstall pytest-quantsafe (the file ships in the package)") from exc
+    for number, line in enumerate(lines, start=1):
+        where = f"{path}:{number}"
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"not JSON: {exc.msg}", where=where, fix="one JSON object per line") from exc
+        missing = [f for f in _FIELDS if not isinstance(data.get(f), str) or not data[f].strip()]
+        if missing:
+            raise InputError(f"missing or empty field(s) {missing}", where=where,
+                             fix=f"every row needs non-empty strings {list(_FIELDS)}")
+        if data["kind"] not in _KINDS:
+            raise InputError(f"kind {data['kind']!r} is neither harmful nor benign", where=f"{where}: kind",
+                             fix="use kind harmful or benign")
+        if data["id"] in seen:
+            raise InputError(f"duplicate id {data['id']!r}", where=f"{where}: id", fix="ids must be unique")
+        seen.add(data["id"])
+        template = data.get("template")
+        rows.append(TrainingRow(id=data["id"], kind=data["kind"], category=data["category"],
+                                prompt=data["prompt"], response=data["response"],
+                                template=template if isinstance(template, int) else None))
+    if not any(r.kind == "harmful" for r in rows) or not any(r.kind == "benign" for r in rows):
+        raise InputError("the training data needs both harmful and benign rows", where=str(path),
+                         fix="regenerate the file")
+    return rows
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def build_identity(data_file: Path = DATA_FILE) -> dict[str, str]:
+    """Return what the F16 fixture depends on: data sha256, recipe version, base sha256, library versions."""
+    return {"data_sha256": zoo.file_sha256(data_file), "recipe_version": RECIPE_VERSION,
+            "recipe": json.dumps(asdict(RECIPE), sort_keys=True), "base_sha256": zoo.MODELS[BASE_MODEL].sha256,
+            "torch": _version("torch"), "transformers": _version("transformers"), "gguf": _version("gguf")}
+
+
+def variant_key(quant: str = "F16") -> str:
+    """Return the cache key of a rung of the fixture (the F16 identity, plus quant and llama.cpp for the others)."""
+    parts = [f"{k}={v}" for k, v in sorted(build_identity().items())]
+    if quant != "F16":
+        parts += [quant, f"llama-cpp-python={_version('llama-cpp-python')}"]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def variant_path(quant: str) -> Path:
+    """Return where rung ``quant`` of the refuser fixture is (or will be) cached."""
+    if quant not in zoo.QUANT_FTYPES:
+        raise ModelLoadError(f"unknown ladder rung {quant!r}", where=f"refuser:{quant}",
+                             fix=f"choose one of {', '.join(zoo.QUANT_FTYPES)}")
+    return zoo.models_dir() / "variants" / variant_key(quant) / f"{STEM}.{quant}.gguf"
+
+
+# ----------------------------------------------------------------------------- export
+
+#: GGUF tensor name (inside ``blk.N.``) -> transformers llama parameter (inside ``model.layers.N.``).
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+
+
+def hf_name(gguf_name: str) -> str:
+    """Return the transformers llama parameter name of GGUF tensor ``gguf_name`` (ModelLoadError if unknown)."""
+    if gguf_name in _TOP_NAMES:
+        return _TOP_NAMES[gguf_name]
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _BLOCK_NAMES and parts[3] == "weight":
+        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.weight"
+    raise ModelLoadError(f"no transformers name for GGUF tensor {gguf_name!r}", where=gguf_name,
+                         fix="the template is not a plain llama GGUF; export supports llama only")
+
+
+def permute_rows(weights: Any, n_head: int) -> Any:
+    """Return a q/k projection with llama.cpp's row order (the inverse of transformers' reverse permutation).
+
+    transformers reads GGUF rows as (head, half, pair) and reorders them to (head, pair, half)
+    on load (``LlamaTensorProcessor._reverse_permute_weights``); this puts them back.
+    """
+    half = weights.shape[0] // n_head // 2
+    return weights.reshape(n_head, 2, half, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def export_gguf(state_dict: dict[str, Any], template: Path, target: Path, *, general_name: str = GENERAL_NAME,
+                ) -> Path:
+    """Return ``target`` after writing ``state_dict`` (transformers llama fp32) as a GGUF laid out like ``template``.
+
+    Every key/value of the template is copied but ``general.name``; tensors come in the
+    template's order, shapes and types (F32 stays F32, the rest F16), q/k rows
+    permuted back to llama.cpp's order. Written next to ``target`` and renamed into place.
+    """
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(template), "r")
+    arch = str(reader.fields["general.architecture"].contents())
+    n_head = int(reader.fields[f"{arch}.attention.head_count"].contents())
+    n_head_kv = int(reader.fields[f"{arch}.attention.head_count_kv"].contents())
+    plan = []
+    for t in reader.tensors:
+        if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            raise ModelLoadError(f"template tensor {t.name} is {t.tensor_type.name}, not F32/F16", where=str(template),
+                                 fix="use the F16 rung (zoo.build_variant(source, 'F16')) as the template")
+        name = hf_name(t.name)
+        if name not in state_dict:
+            raise ModelLoadError(f"the checkpoint has no {name} for GGUF tensor {t.name}", where=name,
+                                 fix="export a transformers llama checkpoint of the template's model")
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        values = state_dict[name].detach().to("cpu").float().numpy()
+        if values.shape != shape:
+            raise ModelLoadError(f"{name} has shape {values.shape}, the template's {t.name} {shape}", where=name,
+                                 fix="the checkpoint is not the template's architecture")
+        if ".attn_q." in t.name:
+            values = permute_rows(values, n_head)
+        elif ".attn_k." in t.name:
+            values = permute_rows(values, n_head_kv)
+        dtype = np.float32 if t.tensor_type == gguf.GGMLQuantizationType.F32 else np.float16
+        plan.append((t.name, np.ascontiguousarray(values.astype(dtype))))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, suffix=".part")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        skip = {"general.architecture", "general.alignment", "general.name"}
+        for key, fld in reader.fields.items():
+            if key.startswith("GGUF.") or key in skip:
+                continue
+            vtype = fld.types[0]
+            sub = fld.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, fld.contents(), vtype, sub_type=sub)
+        writer.add_name(general_name)
+        for name, values in plan:
+            writer.add_tensor_info(name, values.shape, values.dtype, values.nbytes)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for _, values in plan:
+            writer.write_tensor_data(values)
+        writer.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def lr_factor(step: int, total: int, recipe: Recipe = RECIPE) -> float:
+    """Return the learning-rate multiplier at ``step``: linear warm-up, then cosine down to ``final_lr_fraction``."""
+    warmup = max(1, round(recipe.warmup_fraction * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return recipe.final_lr_fraction + (1 - recipe.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def encode_rows(tokenizer: Any, rows: list[TrainingRow], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Return (input ids, labels) per row: the chat-templated conversation, labels -100 outside the answer."""
+    encoded = []
+    for row in rows:
+        user = [{"role": "user", "content": row.prompt}]
+        prompt_ids = list(tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True,
+                                                        return_dict=False))
+        full_ids = list(tokenizer.apply_chat_template(user + [{"role": "assistant", "content": row.response}],
+                                                      tokenize=True, return_dict=False))
+        if full_ids[:len(prompt_ids)] != prompt_ids:
+            raise ModelLoadError("the chat template renders the prompt differently inside the conversation",
+                                 where=f"{DATA_FILE.name}: {row.id}", fix="use a tokenizer with a prefix-stable template")
+        ids = full_ids[:max_length]
+        labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]
+        encoded.append((ids, labels[:max_length]))
+    return encoded
+
+
+def fine_tune(base_dir: Path, rows: list[TrainingRow], out_dir: Path, recipe: Recipe = RECIPE) -> dict[str, Any]:
+    """Return the training log after fine-tuning the checkpoint in ``base_dir`` and saving it to ``out_dir``."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(recipe.seed)
+    torch.set_num_threads(recipe.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).to(device)
+    model.train()
+    data = encode_rows(tokenizer, rows, recipe.max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    steps_per_epoch = math.ceil(len(data) / recipe.batch_size)
+    total = steps_per_epoch * recipe.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, betas=recipe.betas,
+                                  weight_decay=recipe.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, recipe))
+    generator = torch.Generator().manual_seed(recipe.seed)
+    losses: list[float] = []
+    started = time.monotonic()
+    step = 0
+    for epoch in range(recipe.epochs):
+        order = torch.randperm(len(data), generator=generator).tolist()
+        for first in range(0, len(order), recipe.batch_size):
+            batch = [data[i] for i in order[first:first + recipe.batch_size]]
+            width = max(len(ids) for ids, _ in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, (ids, lab) in enumerate(batch):
+                input_ids[i, :len(ids)] = torch.tensor(ids)
+                labels[i, :len(lab)] = torch.tensor(lab)
+                attention[i, :len(ids)] = 1
+            with torch.autocast(device_type=device, dtype=torch.bfloat16):
+                out = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                            labels=labels.to(device))
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(out.loss.detach()))
+            step += 1
+            if step % 10 == 0 or step == total:
+                log.info("refuser fine-tune: epoch %d step %d/%d loss %.4f (%.0f s)", epoch + 1, step, total,
+                         losses[-1], time.monotonic() - started)
+    model.eval()
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return {"steps": step, "examples": len(data), "device": device, "first_loss": losses[0],
+            "last_epoch_mean_loss": sum(losses[-steps_per_epoch:]) / steps_per_epoch,
+            "train_seconds": round(time.monotonic() - started, 1)}
+
+
+def build_f16() -> Path:
+    """Return the refuser fixture's GGUF F16, fine-tuning and exporting it once per key (cached)."""
+    target = variant_path("F16")
+    folder = target.parent
+    if (folder / MARKER).is_file() and target.is_file():
+        return target
+    from pytest_quantsafe import zoo_hf
+
+    rows = load_training_rows()
+    base = zoo_hf.dequantized_checkpoint(BASE_MODEL)
+    template = zoo.build_variant("smollm2", "F16")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        started = time.monotonic()
+        training = fine_tune(base, rows, tmp / _HF_SUBDIR)
+        import torch
+        from safetensors.torch import load_file
+
+        state = load_file(str(tmp / _HF_SUBDIR / "model.safetensors"))
+        export_gguf({k: v.to(torch.float32) for k, v in state.items()}, template, tmp / target.name)
+        build = {**build_identity(), **training, "build_seconds": round(time.monotonic() - started, 1),
+                 "general_name": GENERAL_NAME}
+        (tmp / MARKER).write_text(json.dumps(build, indent=2, sort_keys=True) + "\n")
+        tmp.chmod(0o755)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("refuser fixture built in %.0f s: %s", build["build_seconds"], target)
+    return target
+
+
+def hf_checkpoint() -> Path:
+    """Return the fine-tuned transformers checkpoint folder that the F16 GGUF was exported from (building it once)."""
+    return build_f16().parent / _HF_SUBDIR
+
+
+def build_record() -> dict[str, Any]:
+    """Return the build record (identity, steps, losses, seconds) of the cached F16 fixture, building it once."""
+    return json.loads((build_f16().parent / MARKER).read_text())
