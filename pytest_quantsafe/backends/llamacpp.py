@@ -23,6 +23,8 @@ role markers — is decoded once and its KV cache copied into each sequence).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import queue
@@ -66,6 +68,31 @@ def llama_cpp_version() -> str:
         raise EngineError("llama-cpp-python is not installed, so GGUF models cannot be run",
                           fix="install the engine: pip install 'pytest-quantsafe[gguf]' "
                           "(scripts/setup.sh builds it portable and caches the wheel)") from exc
+
+
+@functools.lru_cache(maxsize=1)
+def llama_cpp_build() -> str:
+    """Return 8 hex digits of the SHA-256 of the installed llama.cpp shared libraries.
+
+    Builds of one llama-cpp-python version with other CPU flags (AVX2 or AVX-512, CUDA)
+    round differently, so the build, not only the version, identifies what produced a
+    completion. Read from the installed files, without importing llama_cpp.
+    """
+    dist = importlib_metadata.distribution("llama-cpp-python")
+    digest = hashlib.sha256()
+    seen: set[str] = set()
+    for entry in sorted(dist.files or [], key=str):
+        name = entry.name
+        if entry.parent.name != "lib" or not name.startswith(("libggml", "libllama")):
+            continue
+        if not (name.endswith((".so", ".dylib", ".dll")) or ".so." in name):
+            continue
+        data = Path(str(dist.locate_file(entry))).read_bytes()
+        content = hashlib.sha256(data).hexdigest()
+        if content not in seen:  # versioned copies of one library count once
+            seen.add(content)
+            digest.update(content.encode())
+    return digest.hexdigest()[:8] if seen else "unknown"
 
 
 # ----------------------------------------------------------------------------- worker client
@@ -203,8 +230,8 @@ class LlamaCppBackend:
         self.last_stats: dict[str, Any] = {}
 
     def engine_id(self) -> str:
-        """Return "llama.cpp/<llama-cpp-python version>"."""
-        return f"llama.cpp/{llama_cpp_version()}"
+        """Return "llama.cpp/<llama-cpp-python version>+<build digest>" (``llama_cpp_build``)."""
+        return f"llama.cpp/{llama_cpp_version()}+{llama_cpp_build()}"
 
     def _info(self, path: Path) -> GGUFInfo:
         key = str(path.resolve())
