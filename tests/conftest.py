@@ -83,3 +83,12 @@ def qwen_hf() -> Path:
     from pytest_quantsafe import zoo_hf
 
     return zoo_hf.dequantized_checkpoint("qwen2.5-coder-0.5b-q4_k_m")
+
+
+@pytest.fixture(scope="session")
+def refuser_f16() -> Path:
+    """Return the refusal-tuned SmolLM2-135M GGUF F16 (zoo_refuser: fine-tuned once per machine, ~10 min on 2 cores)."""
+    pytest.importorskip("transformers")
+    from pytest_quantsafe import zoo
+
+    return zoo.build_variant("refuser", "F16")
