@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -316,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("path")
     p.add_argument("name", choices=sorted(MODELS))
     args = parser.parse_args(argv)
+    # long builds (the refuser fine-tune) report progress through logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     try:
         if args.cmd == "fetch":
             for name in PROFILES[args.profile]:
