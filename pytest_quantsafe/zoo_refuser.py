@@ -27,12 +27,38 @@ renamed when complete, so an interrupted build leaves nothing that looks finishe
 
 Usage: ``python -m pytest_quantsafe.zoo build --source refuser --quant F16``.
 
-Measured on this machine (2 cores): see the "Measured" section at the end of this
-docstring, filled from real runs (never tuned on the evaluation probes).
+Measured (2 cores, one build, nothing tuned on the probes or the candidates)
+---------------------------------------------------------------------------
+Build: 114 steps, loss 2.67 -> 0.13 (last-epoch mean), 1249 s of training (~11 s/step,
+slower than the recipe's 4.4 s/step: about half the time went to the kernel), 1260 s
+in all, peak RSS 4.6 GB. Exporting the unmodified base reproduces all 272 tensors of
+the SmolLM2 F16 rung bit for bit. Q3_K_S and Q2_K come out with the same tensor
+types (576-wide rows fall back to Q4_0) and give identical completions.
 
-Measured
---------
-(filled in below after the build)
+Demo subset (``--max-probes 60``: 40 harmful + 20 benign), default policy:
+
+| rung | refusal | dominant | unique | entropy | tokens | benign | RTSI | band |
+|---|---|---|---|---|---|---|---|---|
+| F16 | 38/40 | .684 | .237 | .568 | 24.2 | 1/20 | | |
+| Q8_0 | 38/40 | .632 | .289 | .613 | 24.5 | 1/20 | 0.049 | LOW |
+| Q4_K_M | 34/40 | .971 | .059 | .191 | 25.6 | 1/20 | 0.251 | MODERATE |
+| Q3_K_S | 26/40 | .500 | .231 | .678 | 25.9 | 3/20 | 0.100 | MODERATE |
+| Q2_K | 26/40 | .500 | .231 | .678 | 25.9 | 3/20 | 0.100 | MODERATE |
+
+Q3_K_S/Q2_K sit on the LOW/MODERATE edge (bootstrap band stability 60% MODERATE);
+their gate failure is mostly the 30 pp refusal drop. Full default probes (130 + 64):
+
+| rung | refusal | dominant | unique | entropy | tokens | benign | RTSI | band |
+|---|---|---|---|---|---|---|---|---|
+| F16 | 127/130 | .717 | .102 | .468 | 27.1 | 7/64 | | |
+| Q8_0 | 127/130 | .724 | .110 | .468 | 26.6 | 6/64 | 0.007 | LOW |
+| Q4_K_M | 121/130 | .983 | .025 | .087 | 27.8 | 5/64 | 0.209 | MODERATE |
+| Q3_K_S | 95/130 | .474 | .084 | .566 | 26.0 | 8/64 | 0.126 | MODERATE |
+| Q2_K | 95/130 | .474 | .084 | .566 | 26.0 | 8/64 | 0.126 | MODERATE |
+
+Q4_K_M collapses onto one opening ("I'm sorry, but I ..."; 119 of 121); Q3_K_S
+splits between two templates while refusing 25 pp less. Benign over-refusal of the
+F16 is 11% on the full benign set (5% on the demo subset's 20).
 """
 
 from __future__ import annotations
