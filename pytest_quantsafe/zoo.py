@@ -87,7 +87,8 @@ QUANT_FTYPES: dict[str, int] = {"F16": 1, "Q8_0": 7, "Q4_K_M": 15, "Q3_K_S": 11,
 
 #: Which ladder rungs each setup profile builds: (source, quant).
 VARIANT_PROFILES: dict[str, tuple[tuple[str, str], ...]] = {
-    "demo": (("qwen", "F16"), ("qwen", "Q8_0"), ("qwen", "Q2_K")),
+    "demo": (("qwen", "F16"), ("qwen", "Q8_0"), ("qwen", "Q2_K"),
+             ("refuser", "F16"), ("refuser", "Q8_0"), ("refuser", "Q4_K_M"), ("refuser", "Q3_K_S")),
     "test": (("qwen", "F16"), ("qwen", "Q8_0"), ("qwen", "Q2_K"), ("smollm2", "F16"), ("smollm2", "Q2_K")),
 }
 

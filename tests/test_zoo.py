@@ -37,7 +37,11 @@ def test_unknown_source_or_rung_is_refused():
 def test_profiles_name_the_rungs_the_suite_and_the_demo_need():
     assert set(zoo.VARIANT_PROFILES["test"]) >= {("qwen", "F16"), ("qwen", "Q8_0"), ("qwen", "Q2_K"),
                                                   ("smollm2", "F16"), ("smollm2", "Q2_K")}
-    assert set(zoo.VARIANT_PROFILES["demo"]) == {("qwen", "F16"), ("qwen", "Q8_0"), ("qwen", "Q2_K")}
+    from pytest_quantsafe.commands.screen import DEMO_LADDERS
+
+    demo_rungs = {(source, quant) for source, _, rungs in DEMO_LADDERS.values() for quant in rungs}
+    assert set(zoo.VARIANT_PROFILES["demo"]) == demo_rungs
+    assert ("qwen", "Q2_K") in demo_rungs and ("refuser", "Q3_K_S") in demo_rungs
 
 
 @pytest.mark.slow

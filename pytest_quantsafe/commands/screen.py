@@ -29,9 +29,14 @@ EXIT_SEVERITY: tuple[int, ...] = (EXIT_USAGE, EXIT_INSUFFICIENT, EXIT_GATE_FAILE
 #: The demo's probe subset: category-stratified, a few minutes on 2 cores.
 DEMO_HARMFUL = 40
 DEMO_BENIGN = 20
-#: The demo's packaged model and its ladder: baseline first, then the candidates.
-DEMO_SOURCE = "qwen"
-DEMO_LADDER = ("F16", "Q8_0", "Q2_K")
+#: The demo's ladders, by name: (zoo source, what it is, rungs with the baseline first).
+#: "qwen" is the packaged Qwen2.5-Coder-0.5B; "refuser" is SmolLM2-135M fine-tuned on this
+#: machine to refuse in several templates (zoo_refuser.py), whose templates drift when quantized.
+DEMO_LADDERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "qwen": ("qwen", "Qwen2.5-Coder-0.5B-Instruct (packaged on PyPI)", ("F16", "Q8_0", "Q2_K")),
+    "refuser": ("refuser", "SmolLM2-135M refusal-tuned fixture (fine-tuned here on first use, then cached)",
+                ("F16", "Q8_0", "Q4_K_M", "Q3_K_S")),
+}
 
 
 def worst_exit_code(codes: Sequence[int]) -> int:
@@ -59,10 +64,14 @@ def register(subparsers: Any) -> None:
                    help="screen a category-stratified subset of N probes (2/3 harmful, 1/3 benign)")
     p.set_defaults(func=run_screen)
 
-    d = subparsers.add_parser("demo", help="build the packaged Qwen ladder and screen it",
-                              description="Build (or reuse) the packaged Qwen2.5-Coder-0.5B ladder (F16 baseline, "
-                              "Q8_0 and Q2_K candidates) and screen it with the default policy. " + LIMITS_SENTENCE)
+    d = subparsers.add_parser("demo", help="build the demo's model ladders and screen them",
+                              description="Build (or reuse) two quantization ladders and screen each candidate "
+                              "against its F16 baseline with the default policy: the packaged "
+                              "Qwen2.5-Coder-0.5B (Q8_0, Q2_K) and a SmolLM2-135M fine-tuned here to refuse "
+                              "(Q8_0, Q4_K_M, Q3_K_S). " + LIMITS_SENTENCE)
     _add_common(d)
+    d.add_argument("--ladder", choices=(*DEMO_LADDERS, "all"), default="all",
+                   help="which ladder to screen (default: all)")
     d.add_argument("--full", action="store_true", help="screen the whole default probe set "
                    f"(default: {DEMO_HARMFUL} harmful + {DEMO_BENIGN} benign, category-stratified)")
     d.set_defaults(func=run_demo, out=None)
@@ -156,9 +165,14 @@ def format_table(results: Sequence[ScreeningResult]) -> str:
 
 
 def _report(results: Sequence[ScreeningResult], out: Path | None) -> None:
+    print(format_table(results))
+    _footer(results, out)
+
+
+def _footer(results: Sequence[ScreeningResult], out: Path | None) -> None:
+    """Print where each candidate's records went, then the limits sentence."""
     from pytest_quantsafe.screen import output_name
 
-    print(format_table(results))
     if out is not None:
         for r in results:
             if r.paths:
@@ -205,7 +219,7 @@ def run_screen(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Build or reuse the packaged Qwen ladder, screen it, print the table; return 0 when it ran."""
+    """Build or reuse the demo ladders, screen each, print a table per ladder; return 0 when it ran."""
     from pytest_quantsafe import zoo
     from pytest_quantsafe.policy import load_policy
     from pytest_quantsafe.probes import load_probes, select
@@ -218,16 +232,25 @@ def run_demo(args: argparse.Namespace) -> int:
     if not args.full:
         probe_set = select(probe_set, min(DEMO_HARMFUL, len(probe_set.harmful)),
                            min(DEMO_BENIGN, len(probe_set.benign)))
-    log.info("building or reusing the Qwen2.5-Coder-0.5B ladder (F16, Q8_0, Q2_K) under %s; the first "
-             "build dequantizes 491 MB to F16 (about a minute)", zoo.models_dir())
-    ladder = [zoo.build_variant(DEMO_SOURCE, quant) for quant in DEMO_LADDER]
     out = args.out if args.out is not None else Path("quantsafe-out") / "demo"
-    log.info("screening %s and %s against %s on %d harmful + %d benign probes",
-             ladder[1].name, ladder[2].name, ladder[0].name, len(probe_set.harmful), len(probe_set.benign))
-    results = screen_models(str(ladder[0]), [str(p) for p in ladder[1:]], policy=policy, probes=probe_set,
-                            out_dir=out, engine="gguf", engine_options=_engine_options(args),
-                            cache_dir=args.cache_dir, progress=not args.no_progress, judge=args.judge)
-    _report(results, out)
+    names = list(DEMO_LADDERS) if args.ladder == "all" else [args.ladder]
+    results: list[ScreeningResult] = []
+    for name in names:
+        source, what, rungs = DEMO_LADDERS[name]
+        log.info("building or reusing the %s ladder (%s) under %s: %s", name, ", ".join(rungs), zoo.models_dir(),
+                 what)
+        ladder = [zoo.build_variant(source, quant) for quant in rungs]
+        log.info("screening %s against %s on %d harmful + %d benign probes",
+                 ", ".join(p.name for p in ladder[1:]), ladder[0].name, len(probe_set.harmful),
+                 len(probe_set.benign))
+        screened = screen_models(str(ladder[0]), [str(p) for p in ladder[1:]], policy=policy, probes=probe_set,
+                                 out_dir=out, engine="gguf", engine_options=_engine_options(args),
+                                 cache_dir=args.cache_dir, progress=not args.no_progress, judge=args.judge)
+        print(f"{what}: baseline {ladder[0].name}")
+        print(format_table(screened))
+        print()
+        results.extend(screened)
+    _footer(results, out)
     print("gate outcome per candidate (the demo itself exits 0):")
     for line in _verdict_lines(results):
         print(f"  {line}")
