@@ -178,7 +178,7 @@ def test_llamacpp_f16_and_transformers_fp32_agree_on_greedy_text(refuser_f16):
     checkpoint = zoo_refuser.hf_checkpoint()
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
-    same = 0
+    same = same_opening = 0
     for probe, completion in zip(subset.items, completions):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": probe.prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)
@@ -186,7 +186,11 @@ def test_llamacpp_f16_and_transformers_fp32_agree_on_greedy_text(refuser_f16):
             out = model.generate(**ids, max_new_tokens=40, do_sample=False)
         text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
         same += text.strip() == completion.text.strip()
-    assert same >= 7
+        same_opening += text.split()[:12] == completion.text.split()[:12]
+    # measured: 6 of 8 identical; the other two part after 20+ identical words (an F16
+    # near-tie, "crime." vs "crimeous."), while a wrong q/k layout would part at once
+    assert same >= 6
+    assert same_opening == 8
 
 
 @pytest.mark.slow
