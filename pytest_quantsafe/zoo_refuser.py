@@ -338,7 +338,8 @@ def fine_tune(base_dir: Path, rows: list[TrainingRow], out_dir: Path, recipe: Re
     torch.set_num_threads(recipe.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model.to(device)  # type: ignore[arg-type]  # transformers types Module.to through a decorator mypy misreads
     model.train()
     data = encode_rows(tokenizer, rows, recipe.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
