@@ -78,6 +78,7 @@ from typing import Any
 
 from pytest_quantsafe import zoo
 from pytest_quantsafe.errors import InputError, ModelLoadError
+from pytest_quantsafe.gguf_export import export_gguf
 
 log = logging.getLogger("quantsafe.zoo_refuser")
 
@@ -200,104 +201,6 @@ def variant_path(quant: str) -> Path:
     return zoo.models_dir() / "variants" / variant_key(quant) / f"{STEM}.{quant}.gguf"
 
 
-# ----------------------------------------------------------------------------- export
-
-#: GGUF tensor name (inside ``blk.N.``) -> transformers llama parameter (inside ``model.layers.N.``).
-_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-              "output.weight": "lm_head.weight"}
-
-
-def hf_name(gguf_name: str) -> str:
-    """Return the transformers llama parameter name of GGUF tensor ``gguf_name`` (ModelLoadError if unknown)."""
-    if gguf_name in _TOP_NAMES:
-        return _TOP_NAMES[gguf_name]
-    parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _BLOCK_NAMES and parts[3] == "weight":
-        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.weight"
-    raise ModelLoadError(f"no transformers name for GGUF tensor {gguf_name!r}", where=gguf_name,
-                         fix="the template is not a plain llama GGUF; export supports llama only")
-
-
-def permute_rows(weights: Any, n_head: int) -> Any:
-    """Return a q/k projection with llama.cpp's row order (the inverse of transformers' reverse permutation).
-
-    transformers reads GGUF rows as (head, half, pair) and reorders them to (head, pair, half)
-    on load (``LlamaTensorProcessor._reverse_permute_weights``); this puts them back.
-    """
-    half = weights.shape[0] // n_head // 2
-    return weights.reshape(n_head, 2, half, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
-
-
-def export_gguf(state_dict: dict[str, Any], template: Path, target: Path, *, general_name: str = GENERAL_NAME,
-                ) -> Path:
-    """Return ``target`` after writing ``state_dict`` (transformers llama fp32) as a GGUF laid out like ``template``.
-
-    Every key/value of the template is copied but ``general.name``; tensors come in the
-    template's order, shapes and types (F32 stays F32, the rest F16), q/k rows
-    permuted back to llama.cpp's order. Written next to ``target`` and renamed into place.
-    """
-    import gguf
-    import numpy as np
-
-    reader = gguf.GGUFReader(str(template), "r")
-    arch = str(reader.fields["general.architecture"].contents())
-    n_head = int(reader.fields[f"{arch}.attention.head_count"].contents())
-    n_head_kv = int(reader.fields[f"{arch}.attention.head_count_kv"].contents())
-    plan = []
-    for t in reader.tensors:
-        if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            raise ModelLoadError(f"template tensor {t.name} is {t.tensor_type.name}, not F32/F16", where=str(template),
-                                 fix="use the F16 rung (zoo.build_variant(source, 'F16')) as the template")
-        name = hf_name(t.name)
-        if name not in state_dict:
-            raise ModelLoadError(f"the checkpoint has no {name} for GGUF tensor {t.name}", where=name,
-                                 fix="export a transformers llama checkpoint of the template's model")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        values = state_dict[name].detach().to("cpu").float().numpy()
-        if values.shape != shape:
-            raise ModelLoadError(f"{name} has shape {values.shape}, the template's {t.name} {shape}", where=name,
-                                 fix="the checkpoint is not the template's architecture")
-        if ".attn_q." in t.name:
-            values = permute_rows(values, n_head)
-        elif ".attn_k." in t.name:
-            values = permute_rows(values, n_head_kv)
-        dtype = np.float32 if t.tensor_type == gguf.GGMLQuantizationType.F32 else np.float16
-        plan.append((t.name, np.ascontiguousarray(values.astype(dtype))))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, suffix=".part")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        writer = gguf.GGUFWriter(str(tmp), arch)
-        skip = {"general.architecture", "general.alignment", "general.name"}
-        for key, fld in reader.fields.items():
-            if key.startswith("GGUF.") or key in skip:
-                continue
-            vtype = fld.types[0]
-            sub = fld.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, fld.contents(), vtype, sub_type=sub)
-        writer.add_name(general_name)
-        for name, values in plan:
-            writer.add_tensor_info(name, values.shape, values.dtype, values.nbytes)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for _, values in plan:
-            writer.write_tensor_data(values)
-        writer.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -405,7 +308,8 @@ def build_f16() -> Path:
         from safetensors.torch import load_file
 
         state = load_file(str(tmp / _HF_SUBDIR / "model.safetensors"))
-        export_gguf({k: v.to(torch.float32) for k, v in state.items()}, template, tmp / target.name)
+        export_gguf({k: v.to(torch.float32) for k, v in state.items()}, template, tmp / target.name,
+                    general_name=GENERAL_NAME)
         build = {**build_identity(), **training, "build_seconds": round(time.monotonic() - started, 1),
                  "general_name": GENERAL_NAME}
         (tmp / MARKER).write_text(json.dumps(build, indent=2, sort_keys=True) + "\n")

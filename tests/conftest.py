@@ -87,7 +87,7 @@ def qwen_hf() -> Path:
 
 @pytest.fixture(scope="session")
 def refuser_f16() -> Path:
-    """Return the refusal-tuned SmolLM2-135M GGUF F16 (zoo_refuser: fine-tuned once per machine, ~10 min on 2 cores)."""
+    """Return the refusal-tuned SmolLM2-135M GGUF F16 (zoo_refuser: fine-tuned once per machine, ~21 min on 2 cores)."""
     pytest.importorskip("transformers")
     from pytest_quantsafe import zoo
 

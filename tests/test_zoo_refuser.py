@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pytest_quantsafe import zoo, zoo_refuser
+from pytest_quantsafe import gguf_export, zoo, zoo_refuser
 from pytest_quantsafe.errors import InputError, ModelLoadError
 from pytest_quantsafe.probes import load_probes, select
 from pytest_quantsafe.refusal import PatternDetector, normalize
@@ -92,7 +92,7 @@ def test_permutation_inverts_the_one_transformers_applies_on_load():
         gguf_rows = rng.standard_normal((rows_, 8)).astype(np.float32)
         hf = LlamaTensorProcessor()._reverse_permute_weights(gguf_rows, n_head, n_head)
         assert not np.array_equal(hf, gguf_rows)
-        assert np.array_equal(zoo_refuser.permute_rows(hf, n_head), gguf_rows)
+        assert np.array_equal(gguf_export.permute_rows(hf, n_head), gguf_rows)
 
 
 def test_refuser_rungs_are_cached_under_one_key_per_rung():
@@ -113,8 +113,8 @@ def test_export_rejects_a_checkpoint_of_another_shape(tmp_path, smollm2_ladder):
     import torch
 
     with pytest.raises(ModelLoadError) as info:
-        zoo_refuser.export_gguf({"model.embed_tokens.weight": torch.zeros(4, 4)}, smollm2_ladder["F16"],
-                                tmp_path / "x.gguf")
+        gguf_export.export_gguf({"model.embed_tokens.weight": torch.zeros(4, 4)}, smollm2_ladder["F16"],
+                                tmp_path / "x.gguf", general_name="x")
     assert "shape" in info.value.message and not (tmp_path / "x.gguf").exists()
 
 
@@ -124,7 +124,8 @@ def test_exporting_the_unmodified_base_reproduces_the_template_bit_for_bit(tmp_p
     from safetensors.torch import load_file
 
     state = load_file(str(smollm2_hf / "model.safetensors"))
-    out = zoo_refuser.export_gguf(state, smollm2_ladder["F16"], tmp_path / "base.F16.gguf")
+    out = gguf_export.export_gguf(state, smollm2_ladder["F16"], tmp_path / "base.F16.gguf",
+                                  general_name=zoo_refuser.GENERAL_NAME)
     template, exported = gguf.GGUFReader(str(smollm2_ladder["F16"])), gguf.GGUFReader(str(out))
     assert len(template.tensors) == len(exported.tensors) == 272
     for a, b in zip(template.tensors, exported.tensors):
