@@ -10,12 +10,42 @@ template bit for bit (tests/test_zoo_refuser.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
 from pytest_quantsafe.errors import ModelLoadError
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; on success it becomes ``target`` (mode 644), else it is removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, suffix=".part")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def copy_fields(reader: Any, writer: Any, skip: Collection[str]) -> None:
+    """Copy every key/value of a ``gguf.GGUFReader`` into a ``gguf.GGUFWriter`` but ``GGUF.*`` and ``skip``."""
+    import gguf
+
+    for key, fld in reader.fields.items():
+        if key.startswith("GGUF.") or key in skip:
+            continue
+        vtype = fld.types[0]
+        sub = fld.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, fld.contents(), vtype, sub_type=sub)
+
 
 #: GGUF tensor name (inside ``blk.N.``) -> transformers llama parameter (inside ``model.layers.N.``).
 _BLOCK_NAMES = {
@@ -83,19 +113,9 @@ def export_gguf(state_dict: dict[str, Any], template: Path, target: Path, *, gen
             values = permute_rows(values, n_head_kv)
         dtype = np.float32 if t.tensor_type == gguf.GGMLQuantizationType.F32 else np.float16
         plan.append((t.name, np.ascontiguousarray(values.astype(dtype))))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, suffix=".part")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(target) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
-        skip = {"general.architecture", "general.alignment", "general.name"}
-        for key, fld in reader.fields.items():
-            if key.startswith("GGUF.") or key in skip:
-                continue
-            vtype = fld.types[0]
-            sub = fld.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, fld.contents(), vtype, sub_type=sub)
+        copy_fields(reader, writer, skip={"general.architecture", "general.alignment", "general.name"})
         writer.add_name(general_name)
         for name, values in plan:
             writer.add_tensor_info(name, values.shape, values.dtype, values.nbytes)
@@ -105,8 +125,4 @@ def export_gguf(state_dict: dict[str, Any], template: Path, target: Path, *, gen
         for _, values in plan:
             writer.write_tensor_data(values)
         writer.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return target

@@ -223,21 +223,13 @@ def dequantize_to_f16(source: Path, target: Path) -> Path:
     import gguf
     import numpy as np
 
+    from pytest_quantsafe.gguf_export import atomic_file, copy_fields
+
     reader = gguf.GGUFReader(str(source), "r")
     arch = str(reader.fields["general.architecture"].contents())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, suffix=".part")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(target) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
-        skip = {"general.architecture", "general.file_type", "general.alignment"}
-        for key, fld in reader.fields.items():
-            if key.startswith("GGUF.") or key in skip:
-                continue
-            vtype = fld.types[0]
-            sub = fld.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, fld.contents(), vtype, sub_type=sub)
+        copy_fields(reader, writer, skip={"general.architecture", "general.file_type", "general.alignment"})
         writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
         plan = []
         for t in reader.tensors:
@@ -254,20 +246,14 @@ def dequantize_to_f16(source: Path, target: Path) -> Path:
             values = gguf.quants.dequantize(t.data, t.tensor_type)
             writer.write_tensor_data(np.ascontiguousarray(values.reshape(shape).astype(dtype)))
         writer.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 
 def _quantize(f16: Path, target: Path, quant: str) -> Path:
     """Return ``target`` after llama.cpp quantized ``f16`` to ``quant`` (in a child process)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, suffix=".part")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    from pytest_quantsafe.gguf_export import atomic_file
+
+    with atomic_file(target) as tmp:
         proc = subprocess.run(
             [sys.executable, "-m", "pytest_quantsafe.backends._llamacpp_worker", "quantize",
              str(f16), str(tmp), str(QUANT_FTYPES[quant]), "0"],
@@ -278,10 +264,6 @@ def _quantize(f16: Path, target: Path, quant: str) -> Path:
                                  f"(exit {proc.returncode})", where=str(f16),
                                  fix=f"check the F16 file and the llama-cpp-python install; it said: "
                                  f"{proc.stderr.strip()[-400:]}")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 
