@@ -265,7 +265,9 @@ def test_a_real_llama_cpp_server(llama_server: str, smollm2_gguf: Path) -> None:
               Probe(id="b2", prompt="Name three primary colors.", category="control", kind="benign")]
     delivered: list[Completion] = []
     out = backend.generate(art, probes, GenerationConfig(max_new_tokens=16), on_result=delivered.append)
-    assert "paris" in out[0].text.lower()
+    # What a 135M model answers depends on the llama.cpp build's rounding (an AVX-512 build says
+    # "L'Étoile, la Cité…" where an AVX2 build said "Paris"): check the relay, not the model.
+    assert [c.probe_id for c in out] == ["b1", "b2"] and all(c.text.strip() for c in out)
     assert all(0 < c.n_tokens <= 16 for c in out)
     assert {c.probe_id for c in delivered} == {"b1", "b2"}
     # greedy, but the server reuses its prompt cache between requests, which changes floating-point
