@@ -41,7 +41,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.ji
                     "generation_config.json")
 
 
-def _version(package: str) -> str:
+def library_version(package: str) -> str:
+    """Return the installed version of ``package``, or "absent" (part of build cache keys)."""
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -75,8 +76,8 @@ def dequantized_checkpoint(name: str = "smollm2-135m-q4_1") -> Path:
     gguf = zoo.fetch(name)
     spec = zoo.MODELS[name]
     build = {"source": spec.filename, "source_sha256": spec.sha256, "recipe": RECIPE_VERSION,
-             "torch": _version("torch"), "transformers": _version("transformers"), "gguf": _version("gguf"),
-             "dtype": "float32"}
+             "torch": library_version("torch"), "transformers": library_version("transformers"),
+             "gguf": library_version("gguf"), "dtype": "float32"}
     target = hf_dir() / f"{name}-f32-{_key(*build.values())}"
     if (target / MARKER).is_file():
         return target
@@ -114,8 +115,8 @@ def quantized_variant(source: Path, variant: str) -> Path:
     package = VARIANTS[variant]
     source_build = json.loads((source / MARKER).read_text()) if (source / MARKER).is_file() else {}
     build = {"source": source.name, "source_build": sha256_hex(canonical_json(source_build)),
-             "variant": variant, "recipe": RECIPE_VERSION, "torch": _version("torch"),
-             "transformers": _version("transformers"), package: _version(package)}
+             "variant": variant, "recipe": RECIPE_VERSION, "torch": library_version("torch"),
+             "transformers": library_version("transformers"), package: library_version(package)}
     target = hf_dir() / f"{source.name.rsplit('-', 1)[0]}-{variant}-{_key(*build.values())}"
     if (target / MARKER).is_file():
         return target

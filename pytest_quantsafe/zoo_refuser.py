@@ -72,11 +72,10 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pytest_quantsafe import zoo
+from pytest_quantsafe import zoo, zoo_hf
 from pytest_quantsafe.errors import InputError, ModelLoadError
 from pytest_quantsafe.gguf_export import export_gguf
 
@@ -171,25 +170,18 @@ def load_training_rows(path: Path = DATA_FILE) -> list[TrainingRow]:
     return rows
 
 
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "absent"
-
-
 def build_identity(data_file: Path = DATA_FILE) -> dict[str, str]:
     """Return what the F16 fixture depends on: data sha256, recipe version, base sha256, library versions."""
     return {"data_sha256": zoo.file_sha256(data_file), "recipe_version": RECIPE_VERSION,
             "recipe": json.dumps(asdict(RECIPE), sort_keys=True), "base_sha256": zoo.MODELS[BASE_MODEL].sha256,
-            "torch": _version("torch"), "transformers": _version("transformers"), "gguf": _version("gguf")}
+            **{package: zoo_hf.library_version(package) for package in ("torch", "transformers", "gguf")}}
 
 
 def variant_key(quant: str = "F16") -> str:
     """Return the cache key of a rung of the fixture (the F16 identity, plus quant and llama.cpp for the others)."""
     parts = [f"{k}={v}" for k, v in sorted(build_identity().items())]
     if quant != "F16":
-        parts += [quant, f"llama-cpp-python={_version('llama-cpp-python')}"]
+        parts += [quant, f"llama-cpp-python={zoo_hf.library_version('llama-cpp-python')}"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -294,8 +286,6 @@ def build_f16() -> Path:
     folder = target.parent
     if (folder / MARKER).is_file() and target.is_file():
         return target
-    from pytest_quantsafe import zoo_hf
-
     rows = load_training_rows()
     base = zoo_hf.dequantized_checkpoint(BASE_MODEL)
     template = zoo.build_variant("smollm2", "F16")

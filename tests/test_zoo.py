@@ -39,7 +39,7 @@ def test_profiles_name_the_rungs_the_suite_and_the_demo_need():
                                                   ("smollm2", "F16"), ("smollm2", "Q2_K")}
     from pytest_quantsafe.commands.screen import DEMO_LADDERS
 
-    demo_rungs = {(source, quant) for source, _, rungs in DEMO_LADDERS.values() for quant in rungs}
+    demo_rungs = {(source, quant) for source, (_, rungs) in DEMO_LADDERS.items() for quant in rungs}
     assert set(zoo.VARIANT_PROFILES["demo"]) == demo_rungs
     assert ("qwen", "Q2_K") in demo_rungs and ("refuser", "Q3_K_S") in demo_rungs
 

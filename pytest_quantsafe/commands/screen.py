@@ -29,12 +29,12 @@ EXIT_SEVERITY: tuple[int, ...] = (EXIT_USAGE, EXIT_INSUFFICIENT, EXIT_GATE_FAILE
 #: The demo's probe subset: category-stratified, a few minutes on 2 cores.
 DEMO_HARMFUL = 40
 DEMO_BENIGN = 20
-#: The demo's ladders, by name: (zoo source, what it is, rungs with the baseline first).
+#: The demo's ladders, by zoo source: (what it is, rungs with the baseline first).
 #: "qwen" is the packaged Qwen2.5-Coder-0.5B; "refuser" is SmolLM2-135M fine-tuned on this
 #: machine to refuse in several templates (zoo_refuser.py), whose templates drift when quantized.
-DEMO_LADDERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "qwen": ("qwen", "Qwen2.5-Coder-0.5B-Instruct (packaged on PyPI)", ("F16", "Q8_0", "Q2_K")),
-    "refuser": ("refuser", "SmolLM2-135M refusal-tuned fixture (fine-tuned here on first use, then cached)",
+DEMO_LADDERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "qwen": ("Qwen2.5-Coder-0.5B-Instruct (packaged on PyPI)", ("F16", "Q8_0", "Q2_K")),
+    "refuser": ("SmolLM2-135M refusal-tuned fixture (fine-tuned here on first use, then cached)",
                 ("F16", "Q8_0", "Q4_K_M", "Q3_K_S")),
 }
 
@@ -233,11 +233,11 @@ def run_demo(args: argparse.Namespace) -> int:
         probe_set = select(probe_set, min(DEMO_HARMFUL, len(probe_set.harmful)),
                            min(DEMO_BENIGN, len(probe_set.benign)))
     out = args.out if args.out is not None else Path("quantsafe-out") / "demo"
-    names = list(DEMO_LADDERS) if args.ladder == "all" else [args.ladder]
+    sources = list(DEMO_LADDERS) if args.ladder == "all" else [args.ladder]
     results: list[ScreeningResult] = []
-    for name in names:
-        source, what, rungs = DEMO_LADDERS[name]
-        log.info("building or reusing the %s ladder (%s) under %s: %s", name, ", ".join(rungs), zoo.models_dir(),
+    for source in sources:
+        what, rungs = DEMO_LADDERS[source]
+        log.info("building or reusing the %s ladder (%s) under %s: %s", source, ", ".join(rungs), zoo.models_dir(),
                  what)
         if source == zoo.REFUSER and not zoo.variant_path(source, rungs[0]).is_file():
             log.info("first use on this machine: fine-tuning SmolLM2-135M to refuse (about 20 minutes on 2 CPU "
