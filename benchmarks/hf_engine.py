@@ -1,7 +1,7 @@
 """Generation throughput of the hf engine (transformers) on SmolLM2-135M, the way a screening runs it.
 
 Same probes, greedy, generation time only (loading is timed apart), through
-``pytest_quantsafe.backends.hf`` itself:
+``pytest_quantsafe.engines.hf`` itself:
 
   fp32 batched (batch 16), fp32 one prompt at a time, bf16 batched, bitsandbytes nf4 batched.
 
@@ -23,15 +23,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pytest_quantsafe import zoo_hf
-from pytest_quantsafe.backends.base import get_backend
+from pytest_quantsafe.engines.base import get_engine
 from pytest_quantsafe.probes import load_probes, select
 from pytest_quantsafe.types import GenerationConfig
+from pytest_quantsafe.zoo import hf as zoo_hf
 
 
 def run(label: str, ref: Path, probes: list, config: GenerationConfig, **options: object) -> str:
     """Return one Markdown row: load time, generation time, generated tokens per second."""
-    backend = get_backend("hf", **options)
+    backend = get_engine("hf", **options)
     try:
         art = backend.resolve(str(ref))
         t0 = time.perf_counter()

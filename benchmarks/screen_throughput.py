@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pytest_quantsafe import zoo
-from pytest_quantsafe.backends import llamacpp
+from pytest_quantsafe.engines import llamacpp
+from pytest_quantsafe.measure.refusal import label
 from pytest_quantsafe.probes import load_probes, select
-from pytest_quantsafe.refusal import label
 from pytest_quantsafe.types import GenerationConfig, Probe
 
 SECTION_START = "<!-- engine-benchmark:start -->"
@@ -126,7 +126,7 @@ def run_llama_cpp_sequential(path: Path, probes: Sequence[Probe], cfg: Generatio
                 n_gpu_layers=0, verbose=False)
     load = time.perf_counter() - t0
     tokens = refusals = 0
-    from pytest_quantsafe.refusal import PatternDetector
+    from pytest_quantsafe.measure.refusal import PatternDetector
 
     detector = PatternDetector()
     cpu0, t0 = time.process_time(), time.perf_counter()
@@ -146,7 +146,7 @@ def run_transformers_sequential(path: Path, probes: Sequence[Probe], cfg: Genera
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pytest_quantsafe.refusal import PatternDetector
+    from pytest_quantsafe.measure.refusal import PatternDetector
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)

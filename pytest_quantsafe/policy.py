@@ -100,7 +100,7 @@ def _parse(text: str, source: str) -> tuple[Any, dict[str, int]]:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        from pytest_quantsafe.calibration import yaml_syntax_error
+        from pytest_quantsafe.score.calibration import yaml_syntax_error
 
         raise yaml_syntax_error(exc, source, "policy") from None
     return data, _key_lines(root, source)
@@ -173,7 +173,7 @@ def _resolve_probes(ref: str | None, base_dir: Path) -> str | None:
 
 def policy_from_text(text: str, source: str = "<policy>", base_dir: Path | None = None) -> Policy:
     """Return a validated Policy from YAML text (``source`` names it in errors)."""
-    from pytest_quantsafe.calibration import load_calibration
+    from pytest_quantsafe.score.calibration import load_calibration
 
     data, lines = _parse(text, source)
     _validate(data, source, lines)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pytest_quantsafe.engines.pairing import check_matched_pair
 from pytest_quantsafe.errors import ProbeSetError, UsageError
-from pytest_quantsafe.pairing import check_matched_pair
 from pytest_quantsafe.types import (
     Artifact,
     Completion,
@@ -85,9 +85,9 @@ def screen_profiles(
     external evidence, never invented. ``assess`` (evidence.assess with the completions
     bound) adds the RTSI interval, quality, regime and judge before the decision.
     """
-    from pytest_quantsafe import record as records
-    from pytest_quantsafe import rtsi
     from pytest_quantsafe.policy import decide
+    from pytest_quantsafe.record import build as records
+    from pytest_quantsafe.score import rtsi
 
     baseline = baseline_artifact if baseline_artifact is not None else _external_artifact("baseline")
     candidate = candidate_artifact if candidate_artifact is not None else _external_artifact("candidate")
@@ -135,19 +135,19 @@ class _Engines:
 
     def get(self, name: str, *, full_text: bool = False) -> tuple[Any, dict[str, Any]]:
         """Return (engine, its options); ``full_text`` forces early exit off."""
-        from pytest_quantsafe.backends.base import get_backend
+        from pytest_quantsafe.engines.base import get_engine
 
         chosen = engine_options_for(name, self.options)
         if full_text and chosen.get(EARLY_EXIT_OPTION):
             chosen[EARLY_EXIT_OPTION] = False
         slot = (name, bool(chosen.get(EARLY_EXIT_OPTION, False)))
         if slot not in self._backends:
-            self._backends[slot] = (get_backend(name, **chosen), chosen)
+            self._backends[slot] = (get_engine(name, **chosen), chosen)
         return self._backends[slot]
 
     def resolve(self, refs: Sequence[str], engine: str) -> list[_Side]:
         """Return the resolved sides of ``refs`` (engine detected per reference with "auto")."""
-        from pytest_quantsafe.backends.base import detect_engine
+        from pytest_quantsafe.engines.base import detect_engine
 
         sides = []
         for ref in refs:
@@ -201,8 +201,8 @@ def _complete(side: _Side, probe_set: ProbeSet, config: GenerationConfig, cache:
     Probes of ``full_text_kinds`` go to an engine instance without early exit (under
     their own cache key); the others may stop early.
     """
+    from pytest_quantsafe.engines.progress import GenerationProgress
     from pytest_quantsafe.errors import EngineError
-    from pytest_quantsafe.progress import GenerationProgress
 
     groups = []
     for full_text in (False, True):
@@ -261,12 +261,12 @@ def screen_models(
     implements it, unless the caller turns it off (``engine_options_for``). ``judge``
     names a model (any engine) that labels refusals as a second measurement (judge.py).
     """
-    from pytest_quantsafe import evidence, features, refusal, zoo
-    from pytest_quantsafe.backends.base import engine_options_from
-    from pytest_quantsafe.cache import CompletionCache
-    from pytest_quantsafe.judge import JudgeDetector
+    from pytest_quantsafe.engines.base import engine_options_from
+    from pytest_quantsafe.engines.cache import CompletionCache, default_root
+    from pytest_quantsafe.measure import evidence, features, refusal
+    from pytest_quantsafe.measure.judge import JudgeDetector
+    from pytest_quantsafe.measure.quality import MiniLMEmbedder
     from pytest_quantsafe.probes import load_probes
-    from pytest_quantsafe.quality import MiniLMEmbedder
 
     if not candidates:
         raise UsageError("no candidate to screen", fix="pass at least one --candidate")
@@ -277,7 +277,7 @@ def screen_models(
                             fix="use a probe set with harmful requests (kind: harmful)")
     config = policy.generation
     options = engine_options_from(engine_options)
-    cache = CompletionCache(Path(cache_dir) if cache_dir is not None else zoo.cache_dir() / "completions")
+    cache = CompletionCache(Path(cache_dir) if cache_dir is not None else default_root())
     detector = refusal.PatternDetector()
 
     embedder = None

@@ -61,7 +61,7 @@ def smollm2_ladder() -> dict[str, Path]:
 def smollm2_hf() -> Path:
     """Return an fp32 HF checkpoint of SmolLM2-135M dequantized from the packaged GGUF (built once per machine)."""
     pytest.importorskip("transformers")
-    from pytest_quantsafe import zoo_hf
+    from pytest_quantsafe.zoo import hf as zoo_hf
 
     return zoo_hf.dequantized_checkpoint("smollm2-135m-q4_1")
 
@@ -71,7 +71,7 @@ def smollm2_hf_variants(smollm2_hf: Path) -> dict[str, Path]:
     """Return the bitsandbytes nf4 / int8 and torchao int8 checkpoints quantized from ``smollm2_hf`` (built once)."""
     pytest.importorskip("bitsandbytes")
     pytest.importorskip("torchao")
-    from pytest_quantsafe import zoo_hf
+    from pytest_quantsafe.zoo import hf as zoo_hf
 
     return {v: zoo_hf.quantized_variant(smollm2_hf, v) for v in ("bnb-nf4", "bnb-int8", "torchao-int8")}
 
@@ -80,7 +80,7 @@ def smollm2_hf_variants(smollm2_hf: Path) -> dict[str, Path]:
 def qwen_hf() -> Path:
     """Return an fp32 HF checkpoint of Qwen2.5-Coder-0.5B dequantized from the packaged Q4_K_M (built once, ~4 min)."""
     pytest.importorskip("transformers")
-    from pytest_quantsafe import zoo_hf
+    from pytest_quantsafe.zoo import hf as zoo_hf
 
     return zoo_hf.dequantized_checkpoint("qwen2.5-coder-0.5b-q4_k_m")
 

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from pytest_quantsafe import action
-from pytest_quantsafe.action_summary import BAND_EMOJI, load_record
+from pytest_quantsafe.action.summary import BAND_EMOJI, load_record
 from pytest_quantsafe.errors import InputError, PolicyError, UsageError
 from pytest_quantsafe.types import FEATURE_NAMES, LIMITS_SENTENCE, Artifact, RefusalProfile
 
@@ -56,7 +56,7 @@ def parse_file_command(text: str) -> dict[str, str]:
 
 
 def _profile(n_total: int, n_refusals: int, features: dict[str, float]) -> RefusalProfile:
-    from pytest_quantsafe.features import wilson_interval
+    from pytest_quantsafe.measure.features import wilson_interval
 
     return RefusalProfile(n_total=n_total, n_refusals=n_refusals, refusal_rate=n_refusals / n_total,
                           refusal_rate_ci=wilson_interval(n_refusals, n_total), **features)
@@ -462,7 +462,7 @@ def test_plan_and_install_steps_pick_extras_and_reuse_the_runner_image(tmp_path:
 
 def write_manifest(folder: Path, rows: dict, base_model: str, quant: str) -> Path:
     """Write the external-screen manifest (manifest.build_request) of one paper row; return its path."""
-    from pytest_quantsafe import manifest
+    from pytest_quantsafe.record import manifest
     from pytest_quantsafe.types import canonical_json, sha256_hex
 
     row = rows[(base_model, quant)]
@@ -566,9 +566,10 @@ def _has_llama_cpp() -> bool:
 @pytest.mark.skipif(not _has_llama_cpp(), reason="llama-cpp-python is not installed ([gguf] extra)")
 def test_whole_job_on_real_gguf_models_signs_and_verifies(tmp_path: Path, qwen_q4_k_m_gguf: Path) -> None:
     """prepare -> gate -> report -> sign -> bundles on real llama.cpp screenings; key mode and keyless verify."""
-    from pytest_quantsafe import attest, zoo
+    from pytest_quantsafe import zoo
+    from pytest_quantsafe.attest import sign as attest
+    from pytest_quantsafe.attest.verify import verify_with_key
     from pytest_quantsafe.probes import load_probes, select
-    from pytest_quantsafe.verify import verify_with_key
 
     baseline = zoo.build_variant("qwen", "Q8_0")
     models = tmp_path / "models"
@@ -635,7 +636,7 @@ def test_whole_job_on_real_gguf_models_signs_and_verifies(tmp_path: Path, qwen_q
     # Rekor are the in-process Sigstore of tests/sigstore_fakes.py (real cryptography, 127.0.0.1).
     from sigstore_fakes import GITHUB_ISSUER, FakeSigstore
 
-    from pytest_quantsafe.verify import SignerPolicy, verify_keyless
+    from pytest_quantsafe.attest.verify import SignerPolicy, verify_keyless
 
     fake = FakeSigstore()
     try:

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from pytest_quantsafe import attest
+from pytest_quantsafe.attest import sign as attest
+from pytest_quantsafe.attest.verify import check_record, verify_with_key
 from pytest_quantsafe.cli import main
 from pytest_quantsafe.errors import InputError, UsageError, VerificationFailed
 from pytest_quantsafe.types import LIMITS_SENTENCE, Artifact, ArtifactFile, Completion
-from pytest_quantsafe.verify import check_record, verify_with_key
 
 SORRY = "I'm sorry, but I can't assist with that."
 
@@ -30,7 +30,7 @@ SORRY = "I'm sorry, but I can't assist with that."
 
 
 def _profile(refusals: list[tuple[str, int]], n_harmful: int = 40) -> Any:
-    from pytest_quantsafe import features, refusal
+    from pytest_quantsafe.measure import features, refusal
 
     comps = [Completion(f"h{i}", "harmful", "cyber", text, n) for i, (text, n) in enumerate(refusals)]
     comps += [Completion(f"h{len(comps) + i}", "harmful", "cyber", "Sure. Here is an overview of the topic.", 48)
@@ -358,7 +358,7 @@ def test_cli_verify_requires_a_pinned_identity(tmp_path: Path, smollm2_gguf: Pat
     assert main(["verify", str(bundle), "--artifact", str(smollm2_gguf),
                  "--issuer", "https://token.actions.githubusercontent.com"]) == 2
     assert "no signer identity pinned" in capsys.readouterr().err
-    from pytest_quantsafe.verify import SignerPolicy
+    from pytest_quantsafe.attest.verify import SignerPolicy
 
     with pytest.raises(UsageError, match="pin the identity together"):
         SignerPolicy(issuer="https://token.actions.githubusercontent.com", repository="a/b").validate()

@@ -20,11 +20,11 @@ import pytest
 from sigstore_fakes import GITHUB_ISSUER, FakeSigstore
 from test_attest import make_record
 
-from pytest_quantsafe import attest
+from pytest_quantsafe.attest import sign as attest
+from pytest_quantsafe.attest.verify import SignerPolicy, verify_artifact_signature, verify_keyless
 from pytest_quantsafe.cli import main
 from pytest_quantsafe.errors import VerificationFailed
 from pytest_quantsafe.types import LIMITS_SENTENCE
-from pytest_quantsafe.verify import SignerPolicy, verify_artifact_signature, verify_keyless
 
 REPO, WORKFLOW, MAIN = "quantsafe/models", ".github/workflows/release.yml", "refs/heads/main"
 IDENTITY = f"https://github.com/{REPO}/{WORKFLOW}@{MAIN}"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_quantsafe.cache import COMPLETIONS_FILE, CompletionCache, default_root, encode_line
+from pytest_quantsafe.engines.cache import COMPLETIONS_FILE, CompletionCache, default_root, encode_line
 from pytest_quantsafe.errors import CacheError
 from pytest_quantsafe.probes import load_probes, select
 from pytest_quantsafe.types import Completion, GenerationConfig, Probe
@@ -217,7 +217,7 @@ def test_unwritable_root_is_a_cache_error(tmp_path: Path, probes: tuple[Probe, .
 _WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from pytest_quantsafe.cache import CompletionCache
+    from pytest_quantsafe.engines.cache import CompletionCache
     from pytest_quantsafe.probes import load_probes, select
     from pytest_quantsafe.types import Completion, GenerationConfig
 
@@ -300,11 +300,11 @@ def test_two_processes_on_one_key_never_tear_lines(tmp_path: Path, probes: tuple
 @pytest.mark.slow
 def test_real_completions_round_trip_and_a_rerun_generates_nothing(tmp_path: Path, smollm2_gguf: Path) -> None:
     """Completions of a real GGUF model, cached as the engine reports them, come back byte-identical."""
-    from pytest_quantsafe.backends.base import get_backend
+    from pytest_quantsafe.engines.base import get_engine
 
     subset = select(load_probes(), n_harmful=4, n_benign=2)
     config = GenerationConfig(max_new_tokens=24, batch_size=6)
-    backend = get_backend("gguf", threads=1)
+    backend = get_engine("gguf", threads=1)
     try:
         artifact = backend.resolve(str(smollm2_gguf))
         cache = CompletionCache(tmp_path / "completions")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pytest_quantsafe.calibration import dump_calibration, load_calibration
 from pytest_quantsafe.errors import PolicyError
+from pytest_quantsafe.score.calibration import dump_calibration, load_calibration
 from pytest_quantsafe.types import FEATURE_NAMES
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pytest_quantsafe.calibration import load_calibration
 from pytest_quantsafe.cli import main
+from pytest_quantsafe.score.calibration import load_calibration
 from pytest_quantsafe.types import FEATURE_NAMES, LIMITS_SENTENCE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,7 +167,7 @@ def test_card_command_renders_a_record(tmp_path: Path) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from test_record import _inputs  # the same real-value inputs the record tests use
 
-    from pytest_quantsafe.record import build_record, write_outputs
+    from pytest_quantsafe.record.build import build_record, write_outputs
 
     paths = write_outputs(build_record(**_inputs()), tmp_path)
     proc = run("card", paths["record"])
@@ -184,7 +184,7 @@ def test_manifest_from_a_record_carries_its_profiles(tmp_path: Path) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from test_record import _inputs
 
-    from pytest_quantsafe.record import build_record, write_outputs
+    from pytest_quantsafe.record.build import build_record, write_outputs
 
     paths = write_outputs(build_record(**_inputs()), tmp_path)
     req = tmp_path / "req.json"

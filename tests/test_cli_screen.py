@@ -122,9 +122,9 @@ def test_screen_help_carries_the_limits_sentence(tmp_path: Path) -> None:
 
 def test_verdict_lines_name_only_the_broken_rules() -> None:
     """A pass says every rule held; a failure names the rules it broke and none that held."""
-    from pytest_quantsafe import refusal
-    from pytest_quantsafe.commands.screen import _verdict_lines
-    from pytest_quantsafe.features import build_profile
+    from pytest_quantsafe.cli.screen import _verdict_lines
+    from pytest_quantsafe.measure import refusal
+    from pytest_quantsafe.measure.features import build_profile
     from pytest_quantsafe.policy import load_policy
     from pytest_quantsafe.screen import screen_profiles
     from pytest_quantsafe.types import Completion

@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from pytest_quantsafe.calibration import load_calibration
-from pytest_quantsafe.confidence import bootstrap_rtsi, percentile, refusal_drop_test
 from pytest_quantsafe.errors import InputError
-from pytest_quantsafe.features import build_profile
-from pytest_quantsafe.rtsi import score
+from pytest_quantsafe.measure.confidence import bootstrap_rtsi, percentile, refusal_drop_test
+from pytest_quantsafe.measure.features import build_profile
+from pytest_quantsafe.score.calibration import load_calibration
+from pytest_quantsafe.score.rtsi import score
 from pytest_quantsafe.types import Completion
 
 TEMPLATED = "I'm sorry, but I can't assist with that."

@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from pytest_quantsafe.evidence import assess, measure_quality
-from pytest_quantsafe.features import build_profile
+from pytest_quantsafe.measure.evidence import assess, measure_quality
+from pytest_quantsafe.measure.features import build_profile
 from pytest_quantsafe.policy import decide, load_policy
-from pytest_quantsafe.rtsi import score
+from pytest_quantsafe.score.rtsi import score
 from pytest_quantsafe.types import Completion
 
 REFUSAL = "I'm sorry, but I can't assist with that."
@@ -36,7 +36,7 @@ def policy():
 @pytest.fixture(scope="module")
 def embedder():
     pytest.importorskip("transformers")
-    from pytest_quantsafe.quality import MiniLMEmbedder
+    from pytest_quantsafe.measure.quality import MiniLMEmbedder
 
     return MiniLMEmbedder(device="cpu")
 

@@ -7,8 +7,8 @@ import math
 import pytest
 
 from pytest_quantsafe.errors import InputError, InsufficientDataError
-from pytest_quantsafe.features import build_profile, prefix_entropy_norm, wilson_interval
-from pytest_quantsafe.refusal import PatternDetector, label
+from pytest_quantsafe.measure.features import build_profile, prefix_entropy_norm, wilson_interval
+from pytest_quantsafe.measure.refusal import PatternDetector, label
 from pytest_quantsafe.types import Completion
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_quantsafe.backends.base import detect_engine, get_backend
+from pytest_quantsafe._util import file_sha256
+from pytest_quantsafe.engines.base import detect_engine, get_engine
 from pytest_quantsafe.errors import ModelLoadError, UsageError
-from pytest_quantsafe.refusal import PatternDetector
+from pytest_quantsafe.measure.refusal import PatternDetector
 from pytest_quantsafe.types import LIMITS_SENTENCE, Completion, GenerationConfig, Probe
-from pytest_quantsafe.zoo import file_sha256
 
 pytest.importorskip("transformers")
 
@@ -34,7 +34,7 @@ PROBES = [
 
 @pytest.fixture(scope="module")
 def hf():
-    backend = get_backend("hf", threads=2)
+    backend = get_engine("hf", threads=2)
     yield backend
     backend.close()
 
@@ -86,7 +86,7 @@ def test_hub_reference_resolves_offline_from_the_cache(tmp_path: Path, smollm2_h
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    backend = get_backend("hf", cache_dir=str(tmp_path))
+    backend = get_engine("hf", cache_dir=str(tmp_path))
     art = backend.resolve("hf://quantsafe-test/smollm2@main")
     assert art.metadata["hub_commit"] == COMMIT
     assert art.metadata["hub_revision"] == "main"
@@ -112,7 +112,7 @@ def test_a_format_this_machine_cannot_load_names_the_package(tmp_path: Path, smo
     config = json.loads((smollm2_hf / "config.json").read_text())
     config["quantization_config"] = {"quant_method": method, "bits": 4}
     folder = _link_checkpoint(smollm2_hf, tmp_path / method, config)
-    backend = get_backend("hf")
+    backend = get_engine("hf")
     art = backend.resolve(str(folder))
     assert art.metadata["quant_method"] == method
     with pytest.raises(ModelLoadError, match=package) as info:
@@ -123,17 +123,17 @@ def test_a_format_this_machine_cannot_load_names_the_package(tmp_path: Path, smo
 
 def test_bad_options_are_usage_errors() -> None:
     with pytest.raises(UsageError):
-        get_backend("hf", dtype="float8")
+        get_engine("hf", dtype="float8")
     with pytest.raises(UsageError):
-        get_backend("hf", threads=0)
+        get_engine("hf", threads=0)
     with pytest.raises(UsageError, match="n_gpu_layers"):
-        get_backend("hf", n_gpu_layers=3)
+        get_engine("hf", n_gpu_layers=3)
 
 
 def test_a_chat_template_override_changes_the_identity(tmp_path: Path, smollm2_hf: Path, f32_artifact) -> None:
     template = tmp_path / "plain.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
-    art = get_backend("hf", chat_template=str(template)).resolve(str(smollm2_hf))
+    art = get_engine("hf", chat_template=str(template)).resolve(str(smollm2_hf))
     assert art.metadata["chat_template_source"] == "override"
     assert art.metadata["chat_template_sha256"] != f32_artifact.metadata["chat_template_sha256"]
 
@@ -174,9 +174,9 @@ def test_gguf_baseline_loads_with_gguf_file(hf, f32_artifact, smollm2_gguf: Path
 @pytest.mark.slow
 def test_three_quantized_variants_screened_end_to_end(smollm2_hf: Path, smollm2_hf_variants: dict[str, Path],
                                                     tmp_path: Path) -> None:
+    from pytest_quantsafe.measure.regime import REGIMES
     from pytest_quantsafe.policy import load_policy
     from pytest_quantsafe.probes import load_probes, select
-    from pytest_quantsafe.regime import REGIMES
     from pytest_quantsafe.screen import screen_models
 
     # SmolLM2 barely refuses: a policy that scores one baseline refusal keeps the RTSI path in play

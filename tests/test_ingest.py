@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_quantsafe.calibration import load_calibration
 from pytest_quantsafe.errors import InputError
-from pytest_quantsafe.ingest import (
+from pytest_quantsafe.score.calibration import load_calibration
+from pytest_quantsafe.score.ingest import (
     parse_delta_table,
     parse_level_csv,
     read_csv_text,

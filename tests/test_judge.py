@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pytest_quantsafe.errors import EngineError, InputError
-from pytest_quantsafe.judge import DIVERGENCE_PP, JudgeDetector, compare, parse_label, refusal_rates
+from pytest_quantsafe.measure.judge import DIVERGENCE_PP, JudgeDetector, compare, parse_label, refusal_rates
 from pytest_quantsafe.types import Completion
 
 REFUSAL = "I'm sorry, but I can't assist with that."
@@ -69,9 +69,9 @@ def test_no_harmful_completions_is_an_input_error() -> None:
 @pytest.fixture(scope="module")
 def gguf_judge(smollm2_gguf: Path):
     pytest.importorskip("llama_cpp")
-    from pytest_quantsafe.backends.base import get_backend
+    from pytest_quantsafe.engines.base import get_engine
 
-    backend = get_backend("gguf", threads=1)
+    backend = get_engine("gguf", threads=1)
     yield JudgeDetector(backend, backend.resolve(str(smollm2_gguf)))
     backend.close()
 

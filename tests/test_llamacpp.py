@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_quantsafe.backends import llamacpp
-from pytest_quantsafe.backends._llamacpp_worker import could_become_refusal, is_decided_refusal
+from pytest_quantsafe.engines import llamacpp
+from pytest_quantsafe.engines.llamacpp._worker import could_become_refusal, is_decided_refusal
 from pytest_quantsafe.errors import EngineError, ModelLoadError
-from pytest_quantsafe.refusal import REFUSAL_OPENERS, PatternDetector, label
+from pytest_quantsafe.measure.refusal import REFUSAL_OPENERS, PatternDetector, label
 from pytest_quantsafe.types import GenerationConfig, Probe
 from pytest_quantsafe.zoo import MODELS
 

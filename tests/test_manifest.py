@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_quantsafe.calibration import load_calibration
 from pytest_quantsafe.errors import InputError
-from pytest_quantsafe.manifest import (
+from pytest_quantsafe.record.manifest import (
     build_request,
     load_request,
     profiles_from_request,
@@ -18,6 +17,7 @@ from pytest_quantsafe.manifest import (
     screen_request,
     validate_request,
 )
+from pytest_quantsafe.score.calibration import load_calibration
 
 REV_B, REV_C = "a" * 40, "b" * 40
 

@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 
 import pytest
 
-from pytest_quantsafe.backends.base import detect_engine, get_backend
-from pytest_quantsafe.backends.openai import OpenAIBackend, parse_ref
+from pytest_quantsafe.engines.base import detect_engine, get_engine
+from pytest_quantsafe.engines.openai import OpenAIEngine, parse_ref
 from pytest_quantsafe.errors import EngineError, ModelLoadError, UsageError
 from pytest_quantsafe.types import Completion, GenerationConfig, Probe
 
@@ -120,14 +120,14 @@ def test_parse_ref_and_engine_detection() -> None:
 
 def test_bad_options_are_usage_errors() -> None:
     with pytest.raises(UsageError, match="sha256"):
-        OpenAIBackend(digest="abc")
+        OpenAIEngine(digest="abc")
     with pytest.raises(UsageError):
-        OpenAIBackend(concurrency=0)
+        OpenAIEngine(concurrency=0)
 
 
 def test_resolve_records_model_id_and_user_digest(flaky_server: str) -> None:
     digest = "ab" * 32
-    backend = get_backend("openai", digest=f"sha256:{digest}", quantization="Q4_K_M")
+    backend = get_engine("openai", digest=f"sha256:{digest}", quantization="Q4_K_M")
     art = backend.resolve(f"{flaky_server}#{MODEL_ID}")
     assert art.format == "openai"
     assert art.digest == digest
@@ -135,7 +135,7 @@ def test_resolve_records_model_id_and_user_digest(flaky_server: str) -> None:
     assert art.metadata["digest_pinned"] == "true"
     assert art.quantization == "Q4_K_M"
     # the only served model is picked when the reference names none; unpinned is said so
-    unpinned = OpenAIBackend().resolve(flaky_server)
+    unpinned = OpenAIEngine().resolve(flaky_server)
     assert unpinned.metadata["model_id"] == MODEL_ID
     assert unpinned.metadata["digest_pinned"] == "false"
     with pytest.raises(ModelLoadError, match="does not serve"):
@@ -143,7 +143,7 @@ def test_resolve_records_model_id_and_user_digest(flaky_server: str) -> None:
 
 
 def test_survives_drops_500s_and_429s_without_losing_results(flaky_server: str) -> None:
-    backend = OpenAIBackend(concurrency=3, timeout=5, retries=3, backoff=0.01)
+    backend = OpenAIEngine(concurrency=3, timeout=5, retries=3, backoff=0.01)
     art = backend.resolve(f"{flaky_server}#{MODEL_ID}")
     prompts = ["drop a", "fail500 b", "busy c", "plain d", "drop e", "plain f"]
     delivered: list[Completion] = []
@@ -158,7 +158,7 @@ def test_survives_drops_500s_and_429s_without_losing_results(flaky_server: str) 
 
 
 def test_gives_up_after_the_retry_budget(flaky_server: str) -> None:
-    backend = OpenAIBackend(concurrency=1, timeout=5, retries=2, backoff=0.01)
+    backend = OpenAIEngine(concurrency=1, timeout=5, retries=2, backoff=0.01)
     art = backend.resolve(f"{flaky_server}#{MODEL_ID}")
     with pytest.raises(EngineError, match="gave up after 3 attempts") as info:
         backend.generate(art, _probes("always500"), GenerationConfig())
@@ -167,7 +167,7 @@ def test_gives_up_after_the_retry_budget(flaky_server: str) -> None:
 
 
 def test_a_hanging_server_times_out_and_finished_results_are_kept(flaky_server: str) -> None:
-    backend = OpenAIBackend(concurrency=2, timeout=0.5, retries=3, backoff=0.01)
+    backend = OpenAIEngine(concurrency=2, timeout=0.5, retries=3, backoff=0.01)
     art = backend.resolve(f"{flaky_server}#{MODEL_ID}")
     delivered: list[Completion] = []
     started = time.monotonic()
@@ -186,7 +186,7 @@ def test_a_hanging_server_times_out_and_finished_results_are_kept(flaky_server: 
 
 
 def test_an_answer_without_usage_is_refused(flaky_server: str) -> None:
-    backend = OpenAIBackend(concurrency=1, timeout=5, retries=0)
+    backend = OpenAIEngine(concurrency=1, timeout=5, retries=0)
     art = backend.resolve(f"{flaky_server}#{MODEL_ID}")
     with pytest.raises(EngineError, match="usage.completion_tokens"):
         backend.generate(art, _probes("nousage"), GenerationConfig())
@@ -196,7 +196,7 @@ def test_an_unreachable_endpoint_is_a_load_error() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    backend = OpenAIBackend(retries=1, backoff=0.01, timeout=2)
+    backend = OpenAIEngine(retries=1, backoff=0.01, timeout=2)
     with pytest.raises(ModelLoadError, match="cannot reach") as info:
         backend.resolve(f"http://127.0.0.1:{port}/v1#m")
     assert info.value.exit_code == 2
@@ -254,10 +254,10 @@ def llama_server(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.mark.slow
 def test_a_real_llama_cpp_server(llama_server: str, smollm2_gguf: Path) -> None:
-    from pytest_quantsafe.zoo import file_sha256
+    from pytest_quantsafe._util import file_sha256
 
     digest = file_sha256(smollm2_gguf)
-    backend = OpenAIBackend(digest=digest, concurrency=2, timeout=120, quantization="Q4_1")
+    backend = OpenAIEngine(digest=digest, concurrency=2, timeout=120, quantization="Q4_1")
     art = backend.resolve(llama_server)  # the one served model is picked
     assert art.metadata["model_id"] == "smollm2-135m-q4_1"
     assert art.digest == digest  # the record names the weights the user vouches for
@@ -287,8 +287,8 @@ def test_gguf_hf_and_openai_engines_agree_on_refusal_labels(qwen_q4_k_m_gguf: Pa
     texts identical). Refusal labels depend on the first words, so they must agree on most
     probes (measured: 11-12 of 12).
     """
+    from pytest_quantsafe.measure.refusal import PatternDetector
     from pytest_quantsafe.probes import load_probes, select
-    from pytest_quantsafe.refusal import PatternDetector
 
     probes = list(select(load_probes(), 10, 2).items)
     config = GenerationConfig(max_new_tokens=16, batch_size=12)
@@ -297,7 +297,7 @@ def test_gguf_hf_and_openai_engines_agree_on_refusal_labels(qwen_q4_k_m_gguf: Pa
         for name, options, ref in (("gguf", {"threads": 1}, str(qwen_q4_k_m_gguf)),
                                    ("hf", {"threads": 1}, str(qwen_hf)),
                                    ("openai", {"concurrency": 2, "timeout": 300}, url)):
-            backend = get_backend(name, **options)
+            backend = get_engine(name, **options)
             try:
                 art = backend.resolve(ref)
                 texts[name] = [c.text for c in backend.generate(art, probes, config)]
@@ -317,6 +317,6 @@ def test_gguf_hf_and_openai_engines_agree_on_refusal_labels(qwen_q4_k_m_gguf: Pa
 
 def test_engine_options_for_other_engines() -> None:
     # threads belongs to local engines: accepted and ignored; anything else is named
-    assert isinstance(get_backend("openai", threads=2), OpenAIBackend)
+    assert isinstance(get_engine("openai", threads=2), OpenAIEngine)
     with pytest.raises(UsageError, match="chat_template"):
-        get_backend("openai", chat_template="t.jinja")
+        get_engine("openai", chat_template="t.jinja")

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_quantsafe import manifest, zoo
-from pytest_quantsafe.features import build_profile
-from pytest_quantsafe.refusal import label
+from pytest_quantsafe import zoo
+from pytest_quantsafe.measure.features import build_profile
+from pytest_quantsafe.measure.refusal import label
+from pytest_quantsafe.record import manifest
 from pytest_quantsafe.types import LIMITS_SENTENCE, Completion, RefusalProfile, canonical_json, sha256_hex
 
 pytest_plugins = ["pytester"]
@@ -236,7 +237,7 @@ def test_no_candidate_and_bad_glob_fail_closed(pytester: pytest.Pytester) -> Non
 
 def test_signing_needs_an_output_folder_and_real_artifact_files(pytester: pytest.Pytester,
                                                                  evidence: dict[str, Path]) -> None:
-    from pytest_quantsafe import attest
+    from pytest_quantsafe.attest import sign as attest
 
     pytester.makepyfile(USES_FIXTURE)
     no_out = pytester.runpytest("--quantsafe-manifest", str(evidence["q8_0"]), "--quantsafe-sign")
@@ -343,8 +344,8 @@ def test_manifests_from_real_completions_match_direct_screening(pytester: pytest
 @pytest.mark.skipif(not _has_llama_cpp(), reason="llama-cpp-python is not installed ([gguf] extra)")
 def test_gate_suite_end_to_end_on_real_gguf(pytester: pytest.Pytester, qwen_q4_k_m_gguf: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from pytest_quantsafe import attest
-    from pytest_quantsafe.verify import verify_with_key
+    from pytest_quantsafe.attest import sign as attest
+    from pytest_quantsafe.attest.verify import verify_with_key
 
     monkeypatch.setenv("QUANTSAFE_CACHE", str(MACHINE_CACHE))
     q8 = zoo.build_variant("qwen", "Q8_0")

@@ -291,12 +291,12 @@ def test_default_probes_draw_refusals_from_a_model_that_refuses(qwen_q4_k_m_gguf
     6/16 scary-word controls (over-refusal).
     Here one probe per category; the bounds leave room for batch-shape float noise.
     """
-    from pytest_quantsafe.backends.base import get_backend
-    from pytest_quantsafe.refusal import PatternDetector, prefix
+    from pytest_quantsafe.engines.base import get_engine
+    from pytest_quantsafe.measure.refusal import PatternDetector, prefix
     from pytest_quantsafe.types import GenerationConfig
 
     subset = select(load_probes(), n_harmful=10, n_benign=7)
-    backend = get_backend("gguf", threads=1)
+    backend = get_engine("gguf", threads=1)
     try:
         artifact = backend.resolve(str(qwen_q4_k_m_gguf))
         completions = backend.generate(artifact, subset.items, GenerationConfig(max_new_tokens=10, batch_size=17))

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from pytest_quantsafe.errors import InputError, InsufficientDataError
-from pytest_quantsafe.quality import MiniLMEmbedder, cosine, lcs_length, quality_retention, rouge_l_f1
+from pytest_quantsafe.measure.quality import MiniLMEmbedder, cosine, lcs_length, quality_retention, rouge_l_f1
 from pytest_quantsafe.types import Completion
 
 

@@ -8,12 +8,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pytest_quantsafe.calibration import load_calibration
 from pytest_quantsafe.errors import InputError
-from pytest_quantsafe.features import build_profile
-from pytest_quantsafe.record import body_digest, build_record, render_card, render_summary, write_outputs
-from pytest_quantsafe.refusal import label
-from pytest_quantsafe.rtsi import score
+from pytest_quantsafe.measure.features import build_profile
+from pytest_quantsafe.measure.refusal import label
+from pytest_quantsafe.record.build import (
+    body_digest,
+    build_record,
+    render_card,
+    render_summary,
+    write_outputs,
+)
+from pytest_quantsafe.score.calibration import load_calibration
+from pytest_quantsafe.score.rtsi import score
 from pytest_quantsafe.types import (
     LIMITS_SENTENCE,
     Artifact,

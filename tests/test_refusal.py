@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_quantsafe.errors import EngineError
-from pytest_quantsafe.refusal import REFUSAL_OPENERS, PatternDetector, label, normalize, prefix
+from pytest_quantsafe.measure.refusal import REFUSAL_OPENERS, PatternDetector, label, normalize, prefix
 from pytest_quantsafe.types import Completion
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from pytest_quantsafe.errors import InputError
-from pytest_quantsafe.regime import REGIMES, classify
+from pytest_quantsafe.measure.regime import REGIMES, classify
 
 #: Paper §4.2 Table 1: model, quant, delta BERTScore (pp), delta direct refusal (pp), regime.
 TABLE_1 = [

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_quantsafe.calibration import load_calibration
 from pytest_quantsafe.errors import InputError
-from pytest_quantsafe.features import build_profile, wilson_interval
-from pytest_quantsafe.refusal import label
-from pytest_quantsafe.rtsi import score, score_deltas
+from pytest_quantsafe.measure.features import build_profile, wilson_interval
+from pytest_quantsafe.measure.refusal import label
+from pytest_quantsafe.score.calibration import load_calibration
+from pytest_quantsafe.score.rtsi import score, score_deltas
 from pytest_quantsafe.types import FEATURE_NAMES, Completion, RefusalProfile
 
 #: Paper Table 1: the hidden- and near-hidden-danger cells.

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_quantsafe.commands.screen import format_table, worst_exit_code
+from pytest_quantsafe.cli.screen import format_table, worst_exit_code
+from pytest_quantsafe.engines.pairing import check_matched_pair
 from pytest_quantsafe.errors import CategoryMismatchError
-from pytest_quantsafe.features import wilson_interval
-from pytest_quantsafe.pairing import check_matched_pair
+from pytest_quantsafe.measure.features import wilson_interval
 from pytest_quantsafe.types import LIMITS_SENTENCE, Artifact, ArtifactFile, RefusalProfile
 
 FRACTIONS = ("dominant_prefix_share", "unique_prefix_rate", "prefix_entropy_norm")
@@ -73,7 +73,7 @@ def test_screen_profiles_reproduces_the_paper_table(rtsi_table: Path, default_po
 
 
 def test_screen_profiles_writes_outputs_and_is_deterministic(tmp_path: Path, default_policy) -> None:
-    from pytest_quantsafe.record import body_digest
+    from pytest_quantsafe.record.build import body_digest
     from pytest_quantsafe.screen import screen_profiles
 
     # The Qwen F16 baseline and its Q2_K rung as measured here (../shared/fixtures/README.md).
@@ -158,7 +158,7 @@ def test_table_lists_band_rtsi_rates_and_verdict(default_policy) -> None:
 def test_progress_counts_and_draws_only_on_a_terminal() -> None:
     import os
 
-    from pytest_quantsafe.progress import GenerationProgress, wants_bar
+    from pytest_quantsafe.engines.progress import GenerationProgress, wants_bar
     from pytest_quantsafe.types import Completion
 
     master, slave = os.openpty()

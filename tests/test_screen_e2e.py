@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_quantsafe.commands.screen import DEMO_BENIGN, DEMO_HARMFUL
+from pytest_quantsafe.cli.screen import DEMO_BENIGN, DEMO_HARMFUL
 from pytest_quantsafe.types import FEATURE_NAMES, LIMITS_SENTENCE
 
 pytestmark = pytest.mark.slow
@@ -53,7 +53,7 @@ def qwen_probes():
 @pytest.fixture(scope="module")
 def shared_cache() -> Path:
     """Return the machine's completion cache (the demo's): each model is generated once per machine."""
-    from pytest_quantsafe.cache import default_root
+    from pytest_quantsafe.engines.cache import default_root
 
     return default_root()
 
@@ -82,7 +82,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def test_baseline_against_its_own_copy_is_low(qwen_ladder, qwen_probes, default_policy, shared_cache, tmp_path,
                                               qwen_ladder_results) -> None:
-    from pytest_quantsafe.record import body_digest
+    from pytest_quantsafe.record.build import body_digest
     from pytest_quantsafe.screen import screen_models
 
     copy = _copy(qwen_ladder["F16"], tmp_path / "copy-of-F16.gguf")
@@ -105,7 +105,7 @@ def test_baseline_against_its_own_copy_is_low(qwen_ladder, qwen_probes, default_
 def test_generation_is_deterministic(qwen_ladder, default_policy, shared_cache, tmp_path) -> None:
     """The same screening generated from scratch twice gives a byte-identical record body."""
     from pytest_quantsafe.probes import load_probes, select
-    from pytest_quantsafe.record import body_digest
+    from pytest_quantsafe.record.build import body_digest
     from pytest_quantsafe.screen import screen_models
 
     probes = select(load_probes(), 8, 2)
@@ -287,7 +287,7 @@ def test_killed_screening_resumes_without_recomputing(smollm2_ladder, tmp_path: 
     batch (``generation.batch_size: 1``) takes batch shape out of the result, so the
     resumed record can be compared byte for byte with an uninterrupted run.
     """
-    from pytest_quantsafe.record import body_digest
+    from pytest_quantsafe.record.build import body_digest
 
     policy = _policy_with(tmp_path, generation={"max_new_tokens": 96, "seed": 0, "system_prompt": None,
                                                 "batch_size": 1})
@@ -338,7 +338,7 @@ def test_early_exit_does_not_change_the_record(smollm2_ladder, tmp_path: Path) -
     """
     from pytest_quantsafe.policy import load_policy
     from pytest_quantsafe.probes import load_probes, select
-    from pytest_quantsafe.record import body_digest
+    from pytest_quantsafe.record.build import body_digest
     from pytest_quantsafe.screen import screen_models
 
     policy = load_policy(_policy_with(tmp_path, min_baseline_refusals=1, generation={

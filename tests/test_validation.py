@@ -7,11 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_quantsafe.calibration import load_calibration
 from pytest_quantsafe.errors import InputError
-from pytest_quantsafe.ingest import DeltaRow, read_matrix
-from pytest_quantsafe.types import FEATURE_NAMES
-from pytest_quantsafe.validation import (
+from pytest_quantsafe.score.calibration import load_calibration
+from pytest_quantsafe.score.fit import (
     calibrate,
     danger_labels,
     family_auc,
@@ -22,6 +20,8 @@ from pytest_quantsafe.validation import (
     roc_auc,
     table3,
 )
+from pytest_quantsafe.score.ingest import DeltaRow, read_matrix
+from pytest_quantsafe.types import FEATURE_NAMES
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from pytest_quantsafe import zoo
-from pytest_quantsafe.backends.llamacpp import read_gguf
+from pytest_quantsafe.engines.llamacpp import read_gguf
 from pytest_quantsafe.errors import ModelLoadError
+from pytest_quantsafe.zoo import ladder
+from pytest_quantsafe.zoo.__main__ import main as zoo_main
 
 
 def _types(info) -> dict[str, int]:
@@ -22,7 +24,7 @@ def test_variant_paths_are_keyed_by_source_rung_and_versions():
     assert q2.name == "Qwen2.5-Coder-0.5B-Instruct.Q2_K.gguf"
     assert len({f16.parent, q2.parent, small.parent}) == 3
     assert f16.parent.parent == zoo.models_dir() / "variants"
-    assert zoo.variant_key("qwen", "Q2_K") == zoo.variant_key("qwen2.5-coder-0.5b-q4_k_m", "Q2_K")
+    assert ladder.variant_key("qwen", "Q2_K") == ladder.variant_key("qwen2.5-coder-0.5b-q4_k_m", "Q2_K")
 
 
 def test_unknown_source_or_rung_is_refused():
@@ -37,7 +39,7 @@ def test_unknown_source_or_rung_is_refused():
 def test_profiles_name_the_rungs_the_suite_and_the_demo_need():
     assert set(zoo.VARIANT_PROFILES["test"]) >= {("qwen", "F16"), ("qwen", "Q8_0"), ("qwen", "Q2_K"),
                                                   ("smollm2", "F16"), ("smollm2", "Q2_K")}
-    from pytest_quantsafe.commands.screen import DEMO_LADDERS
+    from pytest_quantsafe.cli.screen import DEMO_LADDERS
 
     demo_rungs = {(source, quant) for source, (_, rungs) in DEMO_LADDERS.items() for quant in rungs}
     assert set(zoo.VARIANT_PROFILES["demo"]) == demo_rungs
@@ -82,5 +84,5 @@ def test_build_variant_reuses_the_cached_file(smollm2_ladder):
     after = again.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert not list(path.parent.glob("*.part"))  # atomic writes leave no partial files
-    assert zoo.main(["build", "--source", "smollm2", "--quant", "Q2_K"]) == 0
+    assert zoo_main(["build", "--source", "smollm2", "--quant", "Q2_K"]) == 0
     assert path.stat().st_mtime_ns == before.st_mtime_ns

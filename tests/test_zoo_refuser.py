@@ -14,10 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pytest_quantsafe import gguf_export, zoo, zoo_refuser
+from pytest_quantsafe import zoo
+from pytest_quantsafe._util import file_sha256
 from pytest_quantsafe.errors import InputError, ModelLoadError
+from pytest_quantsafe.measure.refusal import PatternDetector, normalize
 from pytest_quantsafe.probes import load_probes, select
-from pytest_quantsafe.refusal import PatternDetector, normalize
+from pytest_quantsafe.zoo import gguf_export
+from pytest_quantsafe.zoo import refuser as zoo_refuser
 
 OPENINGS = ("I'm sorry, but I can't help with that.", "I cannot assist with", "I won't provide",
             "I'm unable to help with that request.", "I'm sorry, but I can't assist with", "I must decline this request.")
@@ -103,7 +106,7 @@ def test_refuser_rungs_are_cached_under_one_key_per_rung():
     assert f16.parent != q3.parent and f16.parent.parent == zoo.models_dir() / "variants"
     assert f16.parent != zoo.variant_path("smollm2", "F16").parent
     identity = zoo_refuser.build_identity()
-    assert identity["data_sha256"] == zoo.file_sha256(zoo_refuser.DATA_FILE)
+    assert identity["data_sha256"] == file_sha256(zoo_refuser.DATA_FILE)
     assert identity["base_sha256"] == zoo.MODELS["smollm2-135m-q4_1"].sha256
     with pytest.raises(ModelLoadError, match="unknown ladder rung"):
         zoo.variant_path("refuser", "Q1_S")
@@ -140,8 +143,8 @@ def test_exporting_the_unmodified_base_reproduces_the_template_bit_for_bit(tmp_p
 
 
 def _generate(path: Path, probes, max_new_tokens: int = 96):
-    from pytest_quantsafe.backends import llamacpp
-    from pytest_quantsafe.refusal import label
+    from pytest_quantsafe.engines import llamacpp
+    from pytest_quantsafe.measure.refusal import label
     from pytest_quantsafe.types import GenerationConfig
 
     backend = llamacpp.create(threads=2)
@@ -155,7 +158,7 @@ def _generate(path: Path, probes, max_new_tokens: int = 96):
 
 @pytest.mark.slow
 def test_built_fixture_refuses_the_demo_subset_and_answers_benign_requests(refuser_f16):
-    from pytest_quantsafe.features import build_profile
+    from pytest_quantsafe.measure.features import build_profile
 
     subset = select(load_probes(None), 40, 20)
     artifact, completions = _generate(refuser_f16, subset.items)
@@ -197,7 +200,7 @@ def test_llamacpp_f16_and_transformers_fp32_agree_on_greedy_text(refuser_f16):
 @pytest.mark.slow
 def test_build_record_names_what_the_fixture_depends_on(refuser_f16):
     record = zoo_refuser.build_record()
-    assert record["data_sha256"] == zoo.file_sha256(zoo_refuser.DATA_FILE)
+    assert record["data_sha256"] == file_sha256(zoo_refuser.DATA_FILE)
     assert record["recipe_version"] == zoo_refuser.RECIPE_VERSION
     assert record["steps"] == 114 and record["examples"] == 300
     # the loss really fell: the fine-tune learned its data

@@ -1,0 +1,5 @@
+"""``python -m pytest_quantsafe.cli``: the ``quantsafe`` command."""
+
+from pytest_quantsafe.cli import run
+
+run()

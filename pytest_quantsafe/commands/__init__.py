@@ -1,1 +1,0 @@
-"""Sub-commands of the ``quantsafe`` CLI, one module each (see ``cli.py``)."""

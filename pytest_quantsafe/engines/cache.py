@@ -1,0 +1,264 @@
+"""Content-addressed cache of completions, so a baseline is generated once and a killed run resumes.
+
+Layout under the root (default ``$QUANTSAFE_CACHE/completions``)::
+
+    <key[:2]>/<key>/meta.json           what the entry is (written atomically, descriptive only)
+    <key[:2]>/<key>/completions.jsonl   append-only, one completed probe per line
+
+The key is the SHA-256 of the canonical JSON of everything that decides a completion:
+artifact digest, probe-set digest, generation config (without ``batch_size``),
+engine id and protocol-relevant options (e.g. ``early_exit``). Each line carries a
+SHA-256 of its own content; a line that is torn (the writer was killed), not JSON,
+missing a field or failing its checksum is dropped on load, so its probe is
+generated again: never trusted. Appends are flushed and fsynced line by line under
+an exclusive ``flock``, so processes appending to different keys never meet and
+processes appending to the same key never interleave bytes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pytest_quantsafe._util import cache_dir
+from pytest_quantsafe.errors import CacheError
+from pytest_quantsafe.types import Completion, GenerationConfig, Probe, canonical_json, sha256_hex
+
+CACHE_SCHEMA = "quantsafe.cache.v1"
+COMPLETIONS_FILE = "completions.jsonl"
+META_FILE = "meta.json"
+#: Fields of a cached completion line besides its checksum.
+_LINE_FIELDS = ("probe_id", "kind", "category", "text", "n_tokens", "finish_reason")
+
+
+def default_root() -> Path:
+    """Return the default cache root, ``$QUANTSAFE_CACHE/completions``."""
+    return cache_dir() / "completions"
+
+
+def cache_key_material(
+    artifact_digest: str,
+    probe_digest: str,
+    generation: GenerationConfig,
+    engine_id: str,
+    options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Return the plain data a cache key is the digest of (also stored in ``meta.json``)."""
+    settings = generation.to_dict()
+    # How many sequences share a batch is a speed setting, not part of what is asked.
+    settings.pop("batch_size", None)
+    return {
+        "schema": CACHE_SCHEMA,
+        "artifact_digest": artifact_digest,
+        "probe_digest": probe_digest,
+        "generation": settings,
+        "engine_id": engine_id,
+        "options": dict(sorted((options or {}).items())),
+    }
+
+
+def _line_checksum(content: Mapping[str, Any]) -> str:
+    return sha256_hex(canonical_json({name: content[name] for name in _LINE_FIELDS}))
+
+
+def encode_line(completion: Completion) -> bytes:
+    """Return one cache line (canonical JSON plus its content checksum, newline-terminated)."""
+    content: dict[str, Any] = {
+        "probe_id": completion.probe_id,
+        "kind": completion.kind,
+        "category": completion.category,
+        "text": completion.text,
+        "n_tokens": int(completion.n_tokens),
+        "finish_reason": completion.finish_reason,
+    }
+    content["sha256"] = _line_checksum(content)
+    return canonical_json(content) + b"\n"
+
+
+def decode_line(raw: bytes) -> Completion | None:
+    """Return the completion a cache line holds, or None when the line is corrupt in any way."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(obj, dict) or set(obj) != {*_LINE_FIELDS, "sha256"}:
+        return None
+    strings = ("probe_id", "kind", "category", "text", "finish_reason")
+    if not all(isinstance(obj[name], str) for name in strings):
+        return None
+    n_tokens = obj["n_tokens"]
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0:
+        return None
+    if obj["kind"] not in ("harmful", "benign") or obj["sha256"] != _line_checksum(obj):
+        return None
+    return Completion(probe_id=obj["probe_id"], kind=obj["kind"], category=obj["category"],
+                      text=obj["text"], n_tokens=n_tokens, finish_reason=obj["finish_reason"])
+
+
+@dataclass
+class CacheStats:
+    """Counters of one cache object: probes found, probes missing, lines dropped, lines written."""
+
+    hits: int = 0
+    misses: int = 0
+    corrupt: int = 0
+    appended: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        """Return the counters as plain data."""
+        return {"hits": self.hits, "misses": self.misses, "corrupt": self.corrupt, "appended": self.appended}
+
+
+class CompletionCache:
+    """Append-only, checksummed, content-addressed store of completions."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else default_root()
+        self.stats = CacheStats()
+        self._material: dict[str, dict[str, Any]] = {}
+        self._meta_written: set[str] = set()
+
+    # ------------------------------------------------------------------ keys
+
+    def key(
+        self,
+        artifact_digest: str,
+        probe_digest: str,
+        generation: GenerationConfig,
+        engine_id: str,
+        options: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Return the cache key (hex SHA-256) of one model's completions on one probe set."""
+        material = cache_key_material(artifact_digest, probe_digest, generation, engine_id, options)
+        try:
+            key = sha256_hex(canonical_json(material))
+        except (TypeError, ValueError) as exc:
+            raise CacheError(f"cache key options are not plain JSON data: {exc}", where="options",
+                             fix="pass options as strings, numbers, booleans or None") from exc
+        self._material[key] = material
+        return key
+
+    def entry_dir(self, key: str) -> Path:
+        """Return the folder of one cache entry."""
+        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+            raise CacheError(f"not a cache key: {key!r}", fix="use CompletionCache.key(...) to make keys")
+        return self.root / key[:2] / key
+
+    def meta(self, key: str) -> dict[str, Any] | None:
+        """Return the entry's ``meta.json`` content, or None when absent or unreadable."""
+        try:
+            data = json.loads((self.entry_dir(key) / META_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    # ------------------------------------------------------------------ reading
+
+    def load(self, key: str) -> dict[str, Completion]:
+        """Return the valid cached completions of an entry by probe id (corrupt lines dropped and counted).
+
+        When a probe id appears on several valid lines the first wins, so what a
+        run once read is what every later run reads.
+        """
+        path = self.entry_dir(key) / COMPLETIONS_FILE
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise CacheError(f"cannot read the completion cache: {exc.strerror}", where=str(path),
+                             fix="check the permissions, or delete this entry to regenerate it") from exc
+        # A killed writer leaves a last piece without its newline: if its checksum holds,
+        # only the newline was lost and the content is whole; otherwise it is dropped below.
+        found: dict[str, Completion] = {}
+        for raw in data.split(b"\n"):
+            if not raw.strip():
+                continue
+            completion = decode_line(raw)
+            if completion is None:
+                self.stats.corrupt += 1
+                continue
+            found.setdefault(completion.probe_id, completion)
+        return found
+
+    def lookup(self, key: str, probes: Sequence[Probe]) -> tuple[dict[str, Completion], list[Probe]]:
+        """Return (cached completions of these probes by id, probes still to generate); counts hits/misses.
+
+        A cached line whose kind or category disagrees with its probe counts as a
+        miss: the probe is generated again rather than trusted.
+        """
+        stored = self.load(key)
+        cached: dict[str, Completion] = {}
+        missing: list[Probe] = []
+        for probe in probes:
+            hit = stored.get(probe.id)
+            if hit is not None and hit.kind == probe.kind and hit.category == probe.category:
+                cached[probe.id] = hit
+            else:
+                missing.append(probe)
+        self.stats.hits += len(cached)
+        self.stats.misses += len(missing)
+        return cached, missing
+
+    # ------------------------------------------------------------------ writing
+
+    def append(self, key: str, completion: Completion) -> None:
+        """Append one completion to an entry, durably (flush + fsync), writing ``meta.json`` first if needed."""
+        folder = self.entry_dir(key)
+        line = encode_line(completion)
+        path = folder / COMPLETIONS_FILE
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if key not in self._meta_written:
+                self._ensure_meta(key, folder)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    # A killed writer left half a line: end it, so this line stays whole.
+                    line = b"\n" + line
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)  # closing releases the lock
+        except OSError as exc:
+            raise CacheError(f"cannot write the completion cache: {exc.strerror}", where=str(path),
+                             fix="check free space and permissions, or pass another cache directory") from exc
+        self.stats.appended += 1
+
+    def _ensure_meta(self, key: str, folder: Path) -> None:
+        """Write ``meta.json`` atomically when it is absent or unreadable and the key's inputs are known."""
+        material = self._material.get(key)
+        if material is None:
+            return
+        if self.meta(key) is None:
+            write_atomic(folder / META_FILE, json.dumps({"key": key, **material}, indent=2, sort_keys=True) + "\n")
+        self._meta_written.add(key)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so readers see the old file or the whole new one, never a part."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

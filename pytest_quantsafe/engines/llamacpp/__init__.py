@@ -1,0 +1,393 @@
+"""The GGUF engine: llama.cpp (llama-cpp-python) in a child process, many probes per decode.
+
+``resolve`` reads a GGUF's metadata with the ``gguf`` package, without loading the
+model: digest, quantization (``general.file_type`` and the real per-tensor types),
+architecture, vocabulary and chat-template digests. ``generate`` renders each probe
+with the model's own chat template and hands the prompts to
+``_llamacpp_worker``, which decodes up to ``GenerationConfig.batch_size`` sequences
+in one llama.cpp context (one KV-cache sequence each, greedy = argmax). A crash in
+llama.cpp ends the worker, not the caller, and becomes ``EngineError`` (exit 2).
+
+Options of ``create``: ``threads`` (default: half the CPUs this process may use, at
+least 1 — on a busy 2-core machine one thread held ~180 tok/s where two collapsed to
+under 5, see ../shared/fixtures/README.md), ``n_gpu_layers`` (default: all layers when
+llama.cpp reports GPU offload support, else 0), ``chat_template`` (a Jinja string or a
+file path; required for a GGUF without one, and it overrides the file's),
+``early_exit`` (stop a sequence once it can no longer become a pattern refusal;
+default off, the caller decides), ``use_extra_bufts`` (default off: the AMX/repack
+buffers are where native builds segfault), ``flash_attn`` (default on),
+``timeout_s`` (longest silence from the worker before it is declared hung),
+``share_prefix`` (default on: the prompt opening every probe shares — system prompt,
+role markers — is decoded once and its KV cache copied into each sequence).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+from pytest_quantsafe._util import file_sha256
+from pytest_quantsafe.engines.base import OnResult
+from pytest_quantsafe.engines.llamacpp.gguf_metadata import GGUFInfo, file_type_label, read_gguf, render_chat
+from pytest_quantsafe.errors import EngineError, ModelLoadError
+from pytest_quantsafe.types import Artifact, ArtifactFile, Completion, GenerationConfig, Probe, sha256_hex
+
+__all__ = ["GGUFInfo", "LlamaCppEngine", "create", "default_threads", "file_type_label", "read_gguf",
+           "render_chat"]
+
+#: End-of-turn markers of common chat templates; those present in a template stop generation
+#: even when the model spells them out as plain text instead of one special token.
+END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+
+def default_threads() -> int:
+    """Return the default thread count: half the CPUs available to this process, at least 1."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        available = os.cpu_count() or 1
+    return max(1, available // 2)
+
+
+def llama_cpp_version() -> str:
+    """Return the installed llama-cpp-python version, or raise EngineError when it is absent."""
+    try:
+        return importlib_metadata.version("llama-cpp-python")
+    except importlib_metadata.PackageNotFoundError as exc:
+        raise EngineError("llama-cpp-python is not installed, so GGUF models cannot be run",
+                          fix="install the engine: pip install 'pytest-quantsafe[gguf]' "
+                          "(scripts/setup.sh builds it portable and caches the wheel)") from exc
+
+
+@functools.lru_cache(maxsize=1)
+def llama_cpp_build() -> str:
+    """Return 8 hex digits of the SHA-256 of the installed llama.cpp shared libraries.
+
+    Builds of one llama-cpp-python version with other CPU flags (AVX2 or AVX-512, CUDA)
+    round differently, so the build, not only the version, identifies what produced a
+    completion. Read from the installed files, without importing llama_cpp.
+    """
+    dist = importlib_metadata.distribution("llama-cpp-python")
+    digest = hashlib.sha256()
+    seen: set[str] = set()
+    for entry in sorted(dist.files or [], key=str):
+        name = entry.name
+        if entry.parent.name != "lib" or not name.startswith(("libggml", "libllama")):
+            continue
+        if not (name.endswith((".so", ".dylib", ".dll")) or ".so." in name):
+            continue
+        data = Path(str(dist.locate_file(entry))).read_bytes()
+        content = hashlib.sha256(data).hexdigest()
+        if content not in seen:  # versioned copies of one library count once
+            seen.add(content)
+            digest.update(content.encode())
+    return digest.hexdigest()[:8] if seen else "unknown"
+
+
+# ----------------------------------------------------------------------------- worker client
+
+
+class _Worker:
+    """The child process running ``_llamacpp_worker``; every failure of it is an EngineError."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the worker; closed in close()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest_quantsafe.engines.llamacpp._worker"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+            text=True, encoding="utf-8", bufsize=1,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.loaded_path: str | None = None
+        self.info: dict[str, Any] = {}
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    @property
+    def pid(self) -> int:
+        """Return the worker's process id."""
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        """Return True while the worker process runs."""
+        return self.proc.poll() is None
+
+    def send(self, request: Mapping[str, Any]) -> None:
+        """Write one request line; a dead worker is an EngineError."""
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(json.dumps(request, ensure_ascii=False) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError) as exc:
+            raise self._died(f"sending {request.get('op')!r}") from exc
+
+    def receive(self, doing: str) -> dict[str, Any]:
+        """Return the next event from the worker; death, hang or a reported error is an EngineError."""
+        try:
+            line = self._lines.get(timeout=self.timeout_s)
+        except queue.Empty:
+            self.kill()
+            raise EngineError(f"the llama.cpp worker was silent for {self.timeout_s:.0f} s while {doing}; stopped it",
+                              fix="raise the engine option timeout_s, lower batch_size or max_new_tokens") from None
+        if line is None:
+            raise self._died(doing)
+        event: dict[str, Any] = json.loads(line)
+        if event.get("event") == "error":
+            raise EngineError(f"llama.cpp failed while {doing}: {event.get('kind')}: {event.get('message')}",
+                              fix="check the model file and the engine options")
+        return event
+
+    def _died(self, doing: str) -> EngineError:
+        try:
+            code = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            code = self.proc.returncode
+        if code is not None and code < 0:
+            try:
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        else:
+            how = f"exited with status {code}"
+        self._stderr.seek(0)
+        tail = self._stderr.read()[-1500:].decode("utf-8", errors="replace").strip()
+        detail = f"; its last words: {tail}" if tail else ""
+        return EngineError(
+            f"the llama.cpp worker process {how} while {doing}{detail}",
+            fix="if it was SIGSEGV on a CPU with AMX, reinstall llama-cpp-python built portable "
+            "(CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON\", as scripts/setup.sh "
+            "does) and keep use_extra_bufts off; if it was SIGKILL, check memory; completed generations are kept",
+        )
+
+    def kill(self) -> None:
+        """Stop the worker now."""
+        if self.alive():
+            self.proc.kill()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def close(self) -> None:
+        """Ask the worker to exit; kill it when it does not."""
+        if self.alive():
+            try:
+                self.send({"op": "close"})
+                self.proc.wait(timeout=10)
+            except (EngineError, subprocess.TimeoutExpired):
+                self.kill()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        self._stderr.close()
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+class LlamaCppEngine:
+    """GGUF models through llama.cpp, batched, in a crash-contained worker process."""
+
+    name = "gguf"
+
+    def __init__(self, *, threads: int | None = None, n_gpu_layers: int | None = None,
+                 chat_template: str | None = None, early_exit: bool = False, use_extra_bufts: bool = False,
+                 flash_attn: bool = True, timeout_s: float = 900.0, share_prefix: bool = True) -> None:
+        self.threads = int(threads) if threads else default_threads()
+        self.n_gpu_layers = n_gpu_layers
+        self.chat_template_option = _load_template_option(chat_template)
+        self.early_exit = bool(early_exit)
+        self.use_extra_bufts = bool(use_extra_bufts)
+        self.flash_attn = bool(flash_attn)
+        self.timeout_s = float(timeout_s)
+        self.share_prefix = bool(share_prefix)
+        self._infos: dict[str, GGUFInfo] = {}
+        self._digests: dict[tuple[str, int, int], str] = {}
+        self._worker: _Worker | None = None
+        #: Token and time totals of the last ``generate`` call, as the worker measured them.
+        self.last_stats: dict[str, Any] = {}
+
+    def engine_id(self) -> str:
+        """Return "llama.cpp/<llama-cpp-python version>+<build digest>" (``llama_cpp_build``)."""
+        return f"llama.cpp/{llama_cpp_version()}+{llama_cpp_build()}"
+
+    def _info(self, path: Path) -> GGUFInfo:
+        key = str(path.resolve())
+        if key not in self._infos:
+            self._infos[key] = read_gguf(path)
+        return self._infos[key]
+
+    def _template(self, info: GGUFInfo, where: str) -> tuple[str, str]:
+        if self.chat_template_option is not None:
+            return self.chat_template_option, "option"
+        if info.chat_template:
+            return info.chat_template, "gguf"
+        raise ModelLoadError("the GGUF has no chat template (tokenizer.chat_template), so probes cannot be "
+                             "put to it as a chat", where=f"{where}: metadata tokenizer.chat_template",
+                             fix="pass the model's chat template with the engine option chat_template "
+                             "(a Jinja string or a file path; CLI: --chat-template)")
+
+    def resolve(self, ref: str) -> Artifact:
+        """Return the artifact for a .gguf path: sha256, quantization, tensor types and metadata digests."""
+        path = Path(ref).expanduser()
+        info = self._info(path)
+        template, source = self._template(info, str(path))
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in self._digests:
+            self._digests[key] = file_sha256(path)
+        return Artifact(
+            ref=ref,
+            format="gguf",
+            files=(ArtifactFile(path=str(path.resolve()), sha256=self._digests[key], size=stat.st_size),),
+            quantization=info.file_type,
+            name=info.name,
+            metadata={
+                "architecture": info.architecture,
+                "general_name": info.name,
+                "file_type": info.file_type,
+                "tensor_types": info.tensor_types,
+                "vocab_sha256": info.vocab_sha256,
+                "tokenizer_model": info.tokenizer_model,
+                "chat_template_sha256": sha256_hex(template.encode("utf-8")),
+                "chat_template_source": source,
+            },
+        )
+
+    def prompts(self, artifact: Artifact, probes: Sequence[Probe], config: GenerationConfig) -> list[str]:
+        """Return each probe rendered with the model's chat template (system prompt from ``config``)."""
+        path = Path(artifact.files[0].path)
+        info = self._info(path)
+        template, _ = self._template(info, str(path))
+        out = []
+        for probe in probes:
+            messages = [{"role": "user", "content": probe.prompt}]
+            if config.system_prompt is not None:
+                messages.insert(0, {"role": "system", "content": config.system_prompt})
+            try:
+                out.append(render_chat(template, messages, bos_token=info.bos_token, eos_token=info.eos_token))
+            except Exception as exc:  # jinja2 raises many kinds
+                raise ModelLoadError(f"the chat template cannot render probe {probe.id!r}: {exc}",
+                                     where=f"{path}: tokenizer.chat_template",
+                                     fix="pass a working template with the engine option chat_template") from exc
+        return out
+
+    def _ensure_loaded(self, path: str) -> _Worker:
+        if self._worker is not None and not self._worker.alive():
+            self._worker.close()
+            self._worker = None
+        if self._worker is None:
+            llama_cpp_version()
+            self._worker = _Worker(self.timeout_s)
+        if self._worker.loaded_path != path:
+            self._worker.send({"op": "load", "path": path, "n_threads": self.threads,
+                               "n_gpu_layers": self.n_gpu_layers, "use_extra_bufts": self.use_extra_bufts,
+                               "flash_attn": self.flash_attn})
+            try:
+                event = self._worker.receive(f"loading {path}")
+            except EngineError as exc:
+                raise ModelLoadError(f"llama.cpp cannot load {Path(path).name}: {exc.message}", where=path,
+                                     fix=exc.fix or "check the file") from exc
+            self._worker.loaded_path = path
+            self._worker.info = dict(event.get("info", {}))
+        return self._worker
+
+    @property
+    def worker_pid(self) -> int | None:
+        """Return the worker's process id, or None before the first generation."""
+        return self._worker.pid if self._worker is not None else None
+
+    def generate(self, artifact: Artifact, probes: Sequence[Probe], config: GenerationConfig,
+                 on_result: OnResult | None = None) -> list[Completion]:
+        """Return one completion per probe, in order: greedy, batched, each reported when it ends."""
+        if not probes:
+            return []
+        if config.temperature != 0.0:
+            raise ModelLoadError(f"the gguf engine decodes greedily only; temperature {config.temperature} "
+                                 "was asked", where="generation.temperature", fix="set temperature: 0")
+        path = artifact.files[0].path
+        prompts = self.prompts(artifact, probes, config)
+        info = self._info(Path(path))
+        template, _ = self._template(info, path)
+        stops = [m for m in END_OF_TURN_MARKERS if m in template or m == info.eos_token]
+        from pytest_quantsafe.measure.refusal import REFUSAL_OPENERS
+
+        worker = self._ensure_loaded(path)
+        worker.send({"op": "generate", "items": [{"id": str(i), "prompt": p} for i, p in enumerate(prompts)],
+                     "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size,
+                     "seed": config.seed, "early_exit": self.early_exit, "openers": list(REFUSAL_OPENERS),
+                     "stop_strings": stops, "share_prefix": self.share_prefix})
+        results: dict[int, Completion] = {}
+        doing = f"generating {len(probes)} completions with {Path(path).name}"
+        try:
+            while True:
+                event = worker.receive(doing)
+                if event["event"] == "done":
+                    self.last_stats = dict(event.get("stats", {}))
+                    break
+                if event["event"] != "result":
+                    continue
+                i = int(event["id"])
+                probe = probes[i]
+                completion = Completion(probe_id=probe.id, kind=probe.kind, category=probe.category,
+                                        text=event["text"], n_tokens=int(event["n_tokens"]),
+                                        finish_reason=event["finish_reason"])
+                results[i] = completion
+                if on_result is not None:
+                    on_result(completion)
+        except BaseException:
+            # The worker's state is unknown mid-stream (or the caller's callback failed): start afresh.
+            worker.kill()
+            raise
+        missing = [probes[i].id for i in range(len(probes)) if i not in results]
+        if missing:
+            raise EngineError(f"the llama.cpp worker returned no completion for {len(missing)} probes "
+                              f"(first: {missing[0]!r})", fix="report this as a bug")
+        return [results[i] for i in range(len(probes))]
+
+    def close(self) -> None:
+        """End the worker process."""
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+
+def _load_template_option(value: str | None) -> str | None:
+    """Return the chat template given as an option: the file's text when it names a file."""
+    if value is None:
+        return None
+    if "{" not in value and len(value) < 4096:
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"chat template file {value} does not exist", where=value,
+                                 fix="pass a Jinja template string or the path of a file holding one")
+        return path.read_text(encoding="utf-8")
+    return value
+
+
+def create(**options: Any) -> LlamaCppEngine:
+    """Return a new llama.cpp engine (options: see the module docstring)."""
+    return LlamaCppEngine(**options)

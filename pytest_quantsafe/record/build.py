@@ -1,0 +1,169 @@
+"""The screening record (``quantsafe.record.v1``, docs/record-format.md) and its output files.
+
+The record is plain JSON data built from the stage values. Floats are rounded to
+``FLOAT_DIGITS`` decimals so two runs on the same inputs give byte-identical
+records (timestamps aside); ``body_digest`` hashes the canonical JSON without
+``created``. The reporting card and the Markdown summary are rendered from the
+record alone (``render.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pytest_quantsafe import __version__
+from pytest_quantsafe.errors import InputError
+from pytest_quantsafe.record.render import render_card, render_summary
+from pytest_quantsafe.types import (
+    LIMITS_SENTENCE,
+    PROTOCOL_ID,
+    RECORD_SCHEMA,
+    Artifact,
+    Calibration,
+    GenerationConfig,
+    Policy,
+    ProbeSet,
+    Screening,
+    Verdict,
+    canonical_json,
+    sha256_hex,
+)
+
+__all__ = ["FLOAT_DIGITS", "body_digest", "build_record", "calibration_block", "normalize_floats",
+           "render_card", "render_summary", "utc_now", "write_outputs"]
+
+#: Decimal places every float in a record is rounded to.
+FLOAT_DIGITS = 12
+
+#: Output file names by kind.
+OUTPUT_FILES: dict[str, str] = {"record": "record.json", "card": "card.yaml", "summary": "summary.md"}
+
+
+def normalize_floats(value: Any, digits: int = FLOAT_DIGITS) -> Any:
+    """Return ``value`` as plain JSON data with floats rounded to ``digits`` (tuples become lists)."""
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InputError(f"a record cannot hold the non-finite number {value!r}",
+                             fix="non-finite inputs must be flagged before a record is built")
+        rounded = round(value, digits)
+        return 0.0 if rounded == 0 else rounded
+    if isinstance(value, Mapping):
+        return {str(k): normalize_floats(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [normalize_floats(v, digits) for v in value]
+    raise TypeError(f"cannot put {type(value).__name__} into a record")
+
+
+def utc_now() -> str:
+    """Return the current UTC time as an ISO 8601 string with a trailing Z (seconds precision)."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def calibration_block(calibration: Calibration) -> dict[str, Any]:
+    """Return the record's ``calibration`` section for a profile."""
+    return {
+        "name": calibration.name,
+        "digest": calibration.digest,
+        "protocol": calibration.protocol,
+        "detector": calibration.detector,
+        "is_recalibrated": calibration.is_recalibrated,
+        "loocv_recall": calibration.provenance.get("loocv_recall"),
+        "weights": dict(calibration.to_dict()["weights"]),
+        "ranges": dict(calibration.to_dict()["ranges"]),
+        "bands": {"moderate": calibration.bands.moderate, "high": calibration.bands.high},
+        "provenance": dict(calibration.provenance),
+    }
+
+
+def _cell_identity(baseline: Artifact, candidate: Artifact, probe_set: ProbeSet,
+                   screening: Screening) -> dict[str, Any]:
+    meta_c, meta_b = candidate.metadata, baseline.metadata
+    family = (meta_c.get("architecture") or meta_c.get("family") or meta_b.get("architecture")
+              or meta_b.get("family"))
+    judge = screening.judge or {}
+    return {
+        "model_family": family,
+        "base_model": meta_c.get("base_model") or meta_b.get("base_model") or candidate.name,
+        "quantization_format": candidate.quantization,
+        "detector": screening.candidate.detector,
+        "judge_model": judge.get("model") or judge.get("judge_model"),
+        "prompt_battery": [probe_set.name],
+        "harm_categories": list(probe_set.categories),
+    }
+
+
+def build_record(
+    *,
+    baseline: Artifact,
+    candidate: Artifact,
+    probe_set: ProbeSet,
+    generation: GenerationConfig,
+    engine: Mapping[str, str],
+    screening: Screening,
+    policy: Policy,
+    verdict: Verdict,
+    calibration: Calibration,
+    created: str | None = None,
+) -> dict[str, Any]:
+    """Return the screening record (docs/record-format.md) as plain JSON data with rounded floats."""
+    record: dict[str, Any] = {
+        "schema": RECORD_SCHEMA,
+        "tool": {"name": "quantsafe", "version": __version__},
+        "created": created or utc_now(),
+        "protocol": PROTOCOL_ID,
+        "cell_identity": _cell_identity(baseline, candidate, probe_set, screening),
+        "probe_set": {
+            "name": probe_set.name,
+            "digest": probe_set.digest,
+            "count": len(probe_set.items),
+            "n_harmful": len(probe_set.harmful),
+            "n_benign": len(probe_set.benign),
+        },
+        "engine": dict(sorted(engine.items())),
+        "generation": generation.to_dict(),
+        "baseline": {"artifact": baseline.to_dict(), "profile": screening.baseline.to_dict()},
+        "candidate": {"artifact": candidate.to_dict(), "profile": screening.candidate.to_dict()},
+        "screening": screening.to_dict(),
+        "calibration": calibration_block(calibration),
+        "policy": policy.to_dict(),
+        "verdict": verdict.to_dict(),
+        "limits": LIMITS_SENTENCE,
+    }
+    return normalize_floats(record)  # type: ignore[no-any-return]
+
+
+def body_digest(record: Mapping[str, Any]) -> str:
+    """Return the SHA-256 of the record's canonical JSON without ``created``."""
+    body = {k: v for k, v in record.items() if k != "created"}
+    return sha256_hex(canonical_json(body))
+
+
+def record_json(record: Mapping[str, Any]) -> str:
+    """Return the record as stable, indented JSON text (sorted keys, trailing newline)."""
+    return json.dumps(record, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def write_outputs(record: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
+    """Return the paths written: record.json, card.yaml and summary.md under ``out_dir``."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        texts = {"record": record_json(record), "card": render_card(record), "summary": render_summary(record)}
+        paths: dict[str, str] = {}
+        for kind, text in texts.items():
+            path = out / OUTPUT_FILES[kind]
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(path)
+            paths[kind] = str(path)
+    except OSError as exc:
+        raise InputError(f"cannot write the screening outputs: {exc.strerror or exc}", where=str(out),
+                         fix="choose a writable output folder") from None
+    return paths
