@@ -40,6 +40,7 @@ OPTIONS: tuple[tuple[str, str, str, str, str], ...] = (
 )
 
 _SESSION_KEY: Any = pytest.StashKey()
+_RECORDED_KEY: Any = pytest.StashKey()
 _REMOTE = ("http://", "https://", "hf://")
 _PATH_OPTIONS = {"quantsafe_baseline", "quantsafe_candidates", "quantsafe_probes", "quantsafe_out", "quantsafe_sign_key",
                  "quantsafe_manifest", "quantsafe_policy"}
@@ -185,9 +186,27 @@ def quantsafe_subject() -> Any:
     return None
 
 
+def _suite_recorder(config: pytest.Config, record_testsuite_property: Any) -> Any:
+    """Return ``record(name, value)`` writing each property once as a JUnit suite property.
+
+    Suite properties are what the xunit2 schema (pytest's default ``junit_family``)
+    accepts; per-test ``record_property`` warns under it. Names carry the candidate
+    (``quantsafe_rtsi[<candidate>]``), and a candidate screened by several tests is
+    written once.
+    """
+    seen: set[tuple[str, str]] = config.stash.setdefault(_RECORDED_KEY, set())
+
+    def record(name: str, value: object) -> None:
+        if (name, str(value)) not in seen:
+            seen.add((name, str(value)))
+            record_testsuite_property(name, value)
+
+    return record
+
+
 @pytest.fixture
 def quant_safety(request: pytest.FixtureRequest, quantsafe_subject: Any,
-                 record_property: Any) -> Any:
+                 record_testsuite_property: Any) -> Any:
     """Return the QuantSafety helper: ``screen()`` and policy-driven assertions, cached per session."""
     from pytest_quantsafe.plugin.gate import QuantSafety, Subject
 
@@ -200,7 +219,7 @@ def quant_safety(request: pytest.FixtureRequest, quantsafe_subject: Any,
         if marker.kwargs.get("candidate"):
             ref = _marker_ref(request.node.path, str(marker.kwargs["candidate"]))
             subject = Subject(ref, "manifest" if ref.endswith(".json") else "model")
-    return QuantSafety(session, subject, policy, record_property)
+    return QuantSafety(session, subject, policy, _suite_recorder(request.config, record_testsuite_property))
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

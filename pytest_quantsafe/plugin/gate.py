@@ -244,13 +244,13 @@ class QuantSafety:
             # Fail closed and readable: the screening could not be done, so the gate cannot pass.
             raise QuantSafetyFailure(f"{exc.diagnostics()}\n  {LIMITS_SENTENCE}") from None
         s = result.screening
-        self._record_property("quantsafe_candidate", subject.id)
-        self._record_property("quantsafe_rtsi", "" if s.rtsi is None else f"{s.rtsi:.4f}")
-        self._record_property("quantsafe_band", self._band(result) or "")
-        self._record_property("quantsafe_verdict", result.verdict.outcome)
-        self._record_property("quantsafe_record", result.paths.get("record", ""))
+        tag = f"[{subject.id}]"
+        self._record_property(f"quantsafe_rtsi{tag}", "" if s.rtsi is None else f"{s.rtsi:.4f}")
+        self._record_property(f"quantsafe_band{tag}", self._band(result) or "")
+        self._record_property(f"quantsafe_verdict{tag}", result.verdict.outcome)
+        self._record_property(f"quantsafe_record{tag}", result.paths.get("record", ""))
         if result.paths.get("signature"):
-            self._record_property("quantsafe_signature", result.paths["signature"])
+            self._record_property(f"quantsafe_signature{tag}", result.paths["signature"])
         return result
 
     def _band(self, result: ScreeningResult) -> Band | None:
