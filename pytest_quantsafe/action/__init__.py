@@ -214,7 +214,14 @@ def build_report(out_dir: Path, *, expected: int | None = None, pytest_exit: int
     if not results or missing:
         problems.append(f"{missing or expected or 'the'} candidate(s) produced no screening record in {out_dir}")
         code = worst_exit_code([code, EXIT_INSUFFICIENT])
-    if pytest_exit not in (None, 0, 1):
+    if pytest_exit not in (None, 0) and junit_path is not None and junit is None:
+        # pytest writes its JUnit XML whenever it runs at all (failures included): without it
+        # pytest itself did not start (not installed, broken environment). That is the cause
+        # to report, not the missing records it leaves behind.
+        problems.insert(0, f"the gate suite could not run: pytest exited {pytest_exit} and wrote no JUnit XML "
+                           f"({junit_path}); see the gate step's log")
+        code = EXIT_USAGE
+    elif pytest_exit not in (None, 0, 1):
         # pytest 2-5: interrupted, internal error, usage error (a bad option, policy or probe
         # file), no tests collected. The gate did not run as configured: a usage/input error.
         problems.append(f"the gate suite could not run (pytest exited {pytest_exit}); see the gate step's log")

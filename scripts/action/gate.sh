@@ -6,6 +6,10 @@ set -euo pipefail
 out="${QUANTSAFE_OUT:?the prepare step exports QUANTSAFE_OUT}"
 # Whitespace-separated, never evaluated: inputs do not reach a shell parser.
 read -r -a extra <<< "${QS_EXTRA_ARGS:-}"
+if ! python -c 'import pytest' 2>/dev/null; then
+  # pytest is a core dependency of pytest-quantsafe: its absence is a broken environment.
+  echo "::error title=quantsafe gate::pytest is not importable by $(command -v python); reinstall pytest-quantsafe" >&2
+fi
 set +e
 python -m pytest "${GITHUB_ACTION_PATH:?}/gate" -p no:cacheprovider \
   --junitxml="$out/junit.xml" "${extra[@]}"

@@ -35,6 +35,9 @@ if [ "$mode" = plan ]; then
     echo "venv=$venv"
     echo "key=quantsafe-venv-${RUNNER_OS:-Linux}-${RUNNER_ARCH:-X64}-py$pyver-$fingerprint"
     echo "extras=$extras"
+    # The completion cache (engines/cache.py) lives under $QUANTSAFE_CACHE/completions.
+    echo "completions=${QUANTSAFE_CACHE:-$HOME/.cache/quantsafe}/completions"
+    echo "completions-key=quantsafe-completions-${RUNNER_OS:-Linux}-${RUNNER_ARCH:-X64}-"
   } >> "${GITHUB_OUTPUT:?}"
   exit 0
 fi
