@@ -136,8 +136,13 @@ class _Engines:
     def get(self, name: str, *, full_text: bool = False) -> tuple[Any, dict[str, Any]]:
         """Return (engine, its options); ``full_text`` forces early exit off."""
         from pytest_quantsafe.engines.base import get_engine
+        from pytest_quantsafe.engines.options import option_table
 
         chosen = engine_options_for(name, self.options)
+        # With engine "auto" one option set serves every engine a screening uses: each gets
+        # the options its table has (a key no engine knows still reaches create, which refuses it).
+        own, known = option_table(name), option_table("auto")
+        chosen = {k: v for k, v in chosen.items() if k in own or k not in known}
         if full_text and chosen.get(EARLY_EXIT_OPTION):
             chosen[EARLY_EXIT_OPTION] = False
         slot = (name, bool(chosen.get(EARLY_EXIT_OPTION, False)))

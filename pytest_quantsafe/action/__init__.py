@@ -45,9 +45,9 @@ from pytest_quantsafe.errors import (
     EXIT_PASS,
     EXIT_USAGE,
     InputError,
-    QuantSafeError,
     SigningError,
     UsageError,
+    from_exception,
 )
 from pytest_quantsafe.types import LIMITS_SENTENCE
 
@@ -146,6 +146,10 @@ def prepare(environ: Mapping[str, str], root: Path) -> dict[str, str]:
         # Fail here, naming the file, key and line, rather than as a pytest usage error later.
         is_path = "/" in policy or policy.endswith((".yaml", ".yml"))
         load_policy(root / policy if is_path and not os.path.isabs(policy) else policy)
+    from pytest_quantsafe.engines.options import parse_engine_options, split_option_list
+
+    option_items = split_option_list(environ.get("QS_ENGINE_OPTIONS", ""))
+    parse_engine_options(engine, option_items, where="input engine-options")
     out = _env(environ, "QS_OUT")
     if not out:
         raise UsageError("no output folder given", where="QS_OUT")
@@ -159,9 +163,24 @@ def prepare(environ: Mapping[str, str], root: Path) -> dict[str, str]:
     }
     optional = {"QUANTSAFE_BASELINE": baseline, "QUANTSAFE_CANDIDATES": "\n".join(candidates),
                 "QUANTSAFE_MANIFEST": "\n".join(manifests), "QUANTSAFE_POLICY": _env(environ, "QS_POLICY"),
-                "QUANTSAFE_PROBES": _env(environ, "QS_PROBES")}
+                "QUANTSAFE_PROBES": _env(environ, "QS_PROBES"), "QUANTSAFE_ENGINE_OPTIONS": "\n".join(option_items)}
     env.update({key: value for key, value in optional.items() if value})
     return env
+
+
+def api_key_variable(env: Mapping[str, str]) -> str:
+    """Return the environment variable the openai engine reads its key from (option ``api_key_env``)."""
+    from pytest_quantsafe.engines.options import parse_engine_options, split_option_list
+
+    options = parse_engine_options(env.get("QUANTSAFE_ENGINE", "auto"),
+                                   split_option_list(env.get("QUANTSAFE_ENGINE_OPTIONS", "")),
+                                   where="input engine-options")
+    name = str(options.get("api_key_env") or "OPENAI_API_KEY")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name.startswith(("GITHUB_", "QS_", "QUANTSAFE_", "LD_")) \
+            or name in ("PATH", "HOME", "PYTHONPATH"):
+        raise UsageError(f"api_key_env {name!r} is not a usable environment variable name",
+                         where="input engine-options api_key_env", fix="use a name such as OPENAI_API_KEY")
+    return name
 
 
 def subject_count(env: Mapping[str, str]) -> int:
@@ -298,13 +317,19 @@ def _write(path: str | None, text: str) -> None:
 
 
 def _cmd_prepare(args: argparse.Namespace, out: TextIO) -> int:
+    if os.environ.get("QS_API_KEY"):
+        # Before anything else is printed: the runner hides the key in every later log line.
+        out.write(f"::add-mask::{os.environ['QS_API_KEY']}\n")
+        out.flush()
     env = prepare(os.environ, Path(os.environ.get("GITHUB_WORKSPACE") or os.getcwd()))
+    key_variable = api_key_variable(env)
     if os.environ.get("GITHUB_ENV"):
         append_file_command(os.environ["GITHUB_ENV"], env)
     count = subject_count(env)
     if os.environ.get("GITHUB_OUTPUT"):
         append_file_command(os.environ["GITHUB_OUTPUT"], {"out": env["QUANTSAFE_OUT"],
-                                                          "candidate-count": str(count)})
+                                                          "candidate-count": str(count),
+                                                          "api-key-env": key_variable})
     out.write(f"quantsafe: {count} screening(s), baseline {env.get('QUANTSAFE_BASELINE', '(from manifests)')}, "
               f"engine {env['QUANTSAFE_ENGINE']}\n")
     return EXIT_PASS
@@ -384,8 +409,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args, stream))
-    except QuantSafeError as exc:
-        stream.write(annotation("error", exc.diagnostics(), title=f"quantsafe {exc.code}") + "\n")
-        sys.stderr.write(exc.diagnostics() + "\n")
-        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001  # QuantSafeError, or a third-party failure typed here
+        error = from_exception(exc, f"action step {args.command}")
+        stream.write(annotation("error", error.diagnostics(), title=f"quantsafe {error.code}") + "\n")
+        sys.stderr.write(error.diagnostics() + "\n")
+        return error.exit_code
 

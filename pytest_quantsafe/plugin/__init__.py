@@ -31,6 +31,8 @@ OPTIONS: tuple[tuple[str, str, str, str, str], ...] = (
      "engine: auto (from the reference), gguf, hf or openai; default: auto"),
     ("quantsafe_threads", "--quantsafe-threads", "QUANTSAFE_THREADS", "int",
      "CPU threads for the engine"),
+    ("quantsafe_engine_options", "--quantsafe-engine-option", "QUANTSAFE_ENGINE_OPTIONS", "list",
+     "engine option KEY=VALUE, repeatable (env: newline/comma separated); secrets via api_key_env=NAME"),
     ("quantsafe_manifest", "--quantsafe-manifest", "QUANTSAFE_MANIFEST", "list",
      "external-screen manifest (precomputed refusal profiles) to screen as a candidate; repeatable"),
     ("quantsafe_sign", "--quantsafe-sign", "QUANTSAFE_SIGN", "bool",
@@ -78,6 +80,10 @@ def _setting(config: pytest.Config, ini: str, env: str, kind: str) -> Any:
         return cli
     raw = os.environ.get(env, "").strip()
     if raw:
+        if ini == "quantsafe_engine_options":
+            from pytest_quantsafe.engines.options import split_option_list
+
+            return split_option_list(raw)
         if kind == "list":
             return raw.split()
         if kind == "bool":
@@ -106,6 +112,9 @@ def _build_session(config: pytest.Config) -> Any:
         raise pytest.UsageError(f"error[usage]: --quantsafe-threads must be an integer, got "
                                 f"{got['quantsafe_threads']!r}") from None
     try:
+        from pytest_quantsafe.engines.options import parse_engine_options
+
+        engine = got["quantsafe_engine"] or "auto"
         options = GateOptions(
             baseline=got["quantsafe_baseline"],
             candidates=expand_refs(got["quantsafe_candidates"] or (), "candidate"),
@@ -117,6 +126,8 @@ def _build_session(config: pytest.Config) -> Any:
             threads=threads,
             sign=bool(got["quantsafe_sign"] or got["quantsafe_sign_key"]),
             sign_key=got["quantsafe_sign_key"],
+            engine_options=parse_engine_options(engine, got["quantsafe_engine_options"] or (),
+                                                where="--quantsafe-engine-option"),
         )
         if options.sign and options.out is None:
             raise UsageError("--quantsafe-sign signs the written records", fix="add --quantsafe-out DIR")

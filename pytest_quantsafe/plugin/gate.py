@@ -15,9 +15,9 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pytest_quantsafe.errors import QuantSafeError, UsageError
+from pytest_quantsafe.errors import UsageError, from_exception
 from pytest_quantsafe.types import BANDS, LIMITS_SENTENCE, Band, Policy, ScreeningResult
 
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9._-]")
@@ -56,6 +56,8 @@ class GateOptions:
     sign: bool = False
     #: With signing on: a local key (EC P-256 / Ed25519 PEM) for DSSE; None = Sigstore keyless.
     sign_key: str | None = None
+    #: Typed engine options (engines/options.py), e.g. {"digest": ..., "concurrency": 8}.
+    engine_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
@@ -132,7 +134,8 @@ class QuantSafetySession:
         if subject not in pending:
             pending = [subject]
         probes = load_probes(self.options.probes) if self.options.probes else None
-        engine_options = {"threads": self.options.threads} if self.options.threads else None
+        engine_options = {**self.options.engine_options,
+                          **({"threads": self.options.threads} if self.options.threads else {})}
         results = screen_models(self.options.baseline, [s.ref for s in pending], policy=policy, probes=probes,
                                 out_dir=self.options.out, engine=self.options.engine,
                                 engine_options=engine_options, progress=False)
@@ -240,9 +243,10 @@ class QuantSafety:
                                  fix="pass --quantsafe-candidate (or --quantsafe-manifest), set "
                                  "QUANTSAFE_CANDIDATES, or use @pytest.mark.quant_safety(candidate=...)")
             result = self._session.result(subject, self.policy)
-        except QuantSafeError as exc:
+        except Exception as exc:  # noqa: BLE001  # a third-party failure is typed too (errors.from_exception)
             # Fail closed and readable: the screening could not be done, so the gate cannot pass.
-            raise QuantSafetyFailure(f"{exc.diagnostics()}\n  {LIMITS_SENTENCE}") from None
+            error = from_exception(exc, f"screening {subject.id if subject else 'no candidate'}")
+            raise QuantSafetyFailure(f"{error.diagnostics()}\n  {LIMITS_SENTENCE}") from None
         s = result.screening
         tag = f"[{subject.id}]"
         self._record_property(f"quantsafe_rtsi{tag}", "" if s.rtsi is None else f"{s.rtsi:.4f}")
