@@ -21,7 +21,10 @@ import os
 import re
 import subprocess
 import sys
+import time
+import urllib.request
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -277,3 +280,77 @@ def test_action_gguf_profile_from_a_fresh_venv(tmp_path: Path, tool_cache: Path,
     assert job.outputs["install"]["python"] == str(venv / "bin" / "python")
     assert "Traceback" not in log
 
+
+
+SECRET = "sk-quantsafe-fresh-3e8a1f0c"
+
+
+@pytest.fixture(scope="module")
+def keyed_llama_server(smollm2_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Yield the /v1 URL of a real ``python -m llama_cpp.server`` on 127.0.0.1 serving SmolLM2 F16 behind an API key."""
+    pytest.importorskip("llama_cpp.server.app")
+    from tests.test_openai import _free_port
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_files["F16"]), "--host", "127.0.0.1",
+             "--port", str(port), "--n_threads", "1", "--n_ctx", "2048", "--seed", "0", "--model_alias",
+             "smollm2-f16", "--api_key", SECRET],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            request = urllib.request.Request(f"{url}/models", headers={"Authorization": f"Bearer {SECRET}"})
+            try:
+                with urllib.request.urlopen(request, timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"llama_cpp.server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_action_openai_profile_with_digest_and_key(tmp_path: Path, tool_cache: Path, empty_cache: Path,
+                                                   smollm2_files: dict[str, Path], keyed_llama_server: str) -> None:
+    """engine openai (core install only), the served weights' digest and the API key through inputs: the record
+    says digest_pinned, the key is in no file the job wrote and in no log line (add-mask aside)."""
+    from pytest_quantsafe._util import file_sha256
+
+    digest = file_sha256(smollm2_files["F16"])
+    workspace = tmp_path / "job" / "workspace"
+    workspace.mkdir(parents=True)
+    probes = _probe_subset(workspace / "probes.jsonl", 6, 3)
+    ref = f"{keyed_llama_server}#smollm2-f16"
+    env = _clean_env(QUANTSAFE_CACHE=str(empty_cache), HOME=os.environ.get("HOME", str(tmp_path)))
+    job = ActionJob(tmp_path / "job", {"baseline": ref, "candidates": ref, "engine": "openai", "sign": "false",
+                                       "probes": str(probes), "policy": "advisory", "api-key": SECRET,
+                                       "engine-options": f"digest={digest}\nconcurrency=2", "llama-cmake-args": ""},
+                    env, tool_cache)
+    job.run_all()
+    log = "\n".join(job.log)
+    assert job.exit_code == 0, log[-6000:]
+    outputs = job.action_outputs
+    assert outputs["verdict"] == "pass" and outputs["exit-code"] == "0", outputs
+    record = json.loads(Path(outputs["records"].splitlines()[0]).read_text(encoding="utf-8"))
+    assert record["candidate"]["artifact"]["metadata"]["digest_pinned"] == "true"
+    assert record["candidate"]["artifact"]["metadata"]["weights_sha256"] == digest
+    assert job.outputs["plan"]["extras"] == ""  # the openai profile: the core wheel only
+    masked = [line for line in log.splitlines() if line.startswith("::add-mask::")]
+    assert masked == [f"::add-mask::{SECRET}"]
+    assert all(SECRET not in line for line in log.splitlines() if not line.startswith("::add-mask::"))
+    for path in [*tmp_path.rglob("*"), *empty_cache.rglob("*")]:
+        if path.is_file() and not path.is_symlink():
+            assert SECRET.encode() not in path.read_bytes(), path
