@@ -27,6 +27,7 @@ from pytest_quantsafe.types import (
     Completion,
     GenerationConfig,
     Policy,
+    PrefixRule,
     ProbeSet,
     RefusalProfile,
     Screening,
@@ -37,7 +38,8 @@ log = logging.getLogger("quantsafe.screen")
 
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
-#: Engine option that stops a sequence once the pattern detector can no longer call it a refusal.
+#: Engine option that stops a sequence once the detector can no longer call it a refusal: a bool
+#: for callers of ``screen_models``, the detector's ``PrefixRule`` (or None) for the engine.
 EARLY_EXIT_OPTION = "early_exit"
 #: Engines that implement early exit; for them it is on unless the caller turns it off.
 EARLY_EXIT_ENGINES = frozenset({"gguf"})
@@ -127,10 +129,15 @@ class _Side:
 
 
 class _Engines:
-    """Engine instances by (engine name, early exit), created on first use and closed together."""
+    """Engine instances by (engine name, early exit), created on first use and closed together.
 
-    def __init__(self, options: Mapping[str, Any]) -> None:
+    Early exit stops sequences under ``rule``, the detector's prefix rule; with no rule
+    (a detector that must read whole texts) nothing is stopped early.
+    """
+
+    def __init__(self, options: Mapping[str, Any], rule: PrefixRule | None) -> None:
         self.options = dict(options)
+        self.rule = rule
         self._backends: dict[tuple[str, bool], tuple[Any, dict[str, Any]]] = {}
 
     def get(self, name: str, *, full_text: bool = False) -> tuple[Any, dict[str, Any]]:
@@ -138,9 +145,10 @@ class _Engines:
         from pytest_quantsafe.engines.base import get_engine
 
         chosen = engine_options_for(name, self.options)
-        if full_text and chosen.get(EARLY_EXIT_OPTION):
-            chosen[EARLY_EXIT_OPTION] = False
-        slot = (name, bool(chosen.get(EARLY_EXIT_OPTION, False)))
+        early = bool(chosen.pop(EARLY_EXIT_OPTION, False)) and not full_text and self.rule is not None
+        if name in EARLY_EXIT_ENGINES:
+            chosen[EARLY_EXIT_OPTION] = self.rule if early else None
+        slot = (name, early)
         if slot not in self._backends:
             self._backends[slot] = (get_engine(name, **chosen), chosen)
         return self._backends[slot]
@@ -186,7 +194,11 @@ def engine_options_for(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
 
 def _cache_options(artifact: Artifact, options: Mapping[str, Any]) -> dict[str, Any]:
     """Return what, besides the artifact's files, changes the completions (part of the cache key)."""
-    keyed: dict[str, Any] = {EARLY_EXIT_OPTION: bool(options.get(EARLY_EXIT_OPTION, False))}
+    rule = options.get(EARLY_EXIT_OPTION)
+    keyed: dict[str, Any] = {EARLY_EXIT_OPTION: isinstance(rule, PrefixRule)}
+    if isinstance(rule, PrefixRule):
+        # Stopped sequences are as short as the rule makes them: another rule, other completions.
+        keyed["early_exit_rule"] = rule.digest
     # The prompt is rendered with this template: a --chat-template override changes every completion.
     template = artifact.metadata.get("chat_template_sha256")
     if template:
@@ -281,8 +293,8 @@ def screen_models(
     detector = refusal.PatternDetector()
 
     embedder = None
-    engines = _Engines(options)
-    judge_engines = _Engines({**options, EARLY_EXIT_OPTION: False}) if judge else None
+    engines = _Engines(options, detector.prefix_rule())
+    judge_engines = _Engines({**options, EARLY_EXIT_OPTION: False}, None) if judge else None
     try:
         sides = engines.resolve([baseline, *candidates], engine)
         base_side, cand_sides = sides[0], sides[1:]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -166,6 +167,75 @@ class Completion:
     finish_reason: str = "stop"
     #: Set by a refusal detector; ``None`` until labelled.
     is_refusal: bool | None = None
+
+
+# --------------------------------------------------------------------------- refusal prefixes
+
+#: Name of the text normalisation refusal detection compares texts in (``normalize_text``).
+NORMALIZATION = "lower-alnum-space.v1"
+_NON_WORD = re.compile(r"[^a-z0-9\s]+")
+_SPACES = re.compile(r"\s+")
+
+
+def normalize_text(text: str) -> str:
+    """Return ``text`` lower-cased, with every run of non ``[a-z0-9\\s]`` characters as one space,
+    whitespace collapsed and stripped ("I can't" -> "i can t")."""
+    lowered = text.lower()
+    spaced = _NON_WORD.sub(" ", lowered)
+    return _SPACES.sub(" ", spaced).strip()
+
+
+@dataclass(frozen=True)
+class PrefixRule:
+    """A detector's refusal rule in a form another process can evaluate on a partial text.
+
+    A text is a refusal when its normalised form equals one of ``openers`` or starts with
+    one followed by a space. The llama.cpp worker receives this (``to_dict``) to stop a
+    sequence once no continuation can be a refusal, without knowing any refusal words.
+    """
+
+    #: Refusal openers, already normalised with ``normalization``.
+    openers: tuple[str, ...]
+    normalization: str = NORMALIZATION
+
+    def __post_init__(self) -> None:
+        if self.normalization != NORMALIZATION:
+            raise ValueError(f"unknown text normalisation {self.normalization!r} (known: {NORMALIZATION})")
+
+    def matches(self, text: str) -> bool:
+        """Return True when the whole ``text`` is a refusal under this rule."""
+        norm = normalize_text(text)
+        return any(norm == opener or norm.startswith(opener + " ") for opener in self.openers)
+
+    def could_become_refusal(self, text_so_far: str) -> bool:
+        """Return True while some continuation of ``text_so_far`` can still be a refusal.
+
+        ``normalize_text(t)`` is always a string prefix of ``normalize_text(t + more)``
+        (characters map one by one, then whitespace is collapsed and stripped), so a
+        refusal is still possible exactly when the normalised text so far is a prefix of
+        an opener, or already starts with ``opener + " "`` (decided: a refusal).
+        """
+        norm = normalize_text(text_so_far)
+        return any(opener.startswith(norm) or norm.startswith(opener + " ") for opener in self.openers)
+
+    def is_decided_refusal(self, text_so_far: str) -> bool:
+        """Return True when every continuation of ``text_so_far`` is a refusal."""
+        norm = normalize_text(text_so_far)
+        return any(norm.startswith(opener + " ") for opener in self.openers)
+
+    @property
+    def digest(self) -> str:
+        """Return the SHA-256 of the rule's canonical content (part of the completion cache key)."""
+        return sha256_hex(canonical_json(self.to_dict()))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the rule as plain JSON data."""
+        return {"normalization": self.normalization, "openers": list(self.openers)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PrefixRule:
+        """Return the rule ``to_dict`` wrote."""
+        return cls(openers=tuple(str(o) for o in data["openers"]), normalization=str(data["normalization"]))
 
 
 # --------------------------------------------------------------------------- features

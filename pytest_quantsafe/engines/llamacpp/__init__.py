@@ -13,8 +13,9 @@ least 1 — on a busy 2-core machine one thread held ~180 tok/s where two collap
 under 5, see ../shared/fixtures/README.md), ``n_gpu_layers`` (default: all layers when
 llama.cpp reports GPU offload support, else 0), ``chat_template`` (a Jinja string or a
 file path; required for a GGUF without one, and it overrides the file's),
-``early_exit`` (stop a sequence once it can no longer become a pattern refusal;
-default off, the caller decides), ``use_extra_bufts`` (default off: the AMX/repack
+``early_exit`` (a detector's ``PrefixRule``, or its ``to_dict()``: stop a sequence once
+no continuation can be a refusal under that rule; default None, off — the engine knows
+no refusal words, the caller passes its detector's rule), ``use_extra_bufts`` (default off: the AMX/repack
 buffers are where native builds segfault), ``flash_attn`` (default on),
 ``timeout_s`` (longest silence from the worker before it is declared hung),
 ``share_prefix`` (default on: the prompt opening every probe shares — system prompt,
@@ -41,8 +42,16 @@ from typing import Any
 from pytest_quantsafe._util import file_sha256
 from pytest_quantsafe.engines.base import OnResult
 from pytest_quantsafe.engines.llamacpp.gguf_metadata import GGUFInfo, file_type_label, read_gguf, render_chat
-from pytest_quantsafe.errors import EngineError, ModelLoadError
-from pytest_quantsafe.types import Artifact, ArtifactFile, Completion, GenerationConfig, Probe, sha256_hex
+from pytest_quantsafe.errors import EngineError, ModelLoadError, UsageError
+from pytest_quantsafe.types import (
+    Artifact,
+    ArtifactFile,
+    Completion,
+    GenerationConfig,
+    PrefixRule,
+    Probe,
+    sha256_hex,
+)
 
 __all__ = ["GGUFInfo", "LlamaCppEngine", "create", "default_threads", "file_type_label", "read_gguf",
            "render_chat"]
@@ -214,12 +223,13 @@ class LlamaCppEngine:
     name = "gguf"
 
     def __init__(self, *, threads: int | None = None, n_gpu_layers: int | None = None,
-                 chat_template: str | None = None, early_exit: bool = False, use_extra_bufts: bool = False,
+                 chat_template: str | None = None, early_exit: PrefixRule | Mapping[str, Any] | None = None,
+                 use_extra_bufts: bool = False,
                  flash_attn: bool = True, timeout_s: float = 900.0, share_prefix: bool = True) -> None:
         self.threads = int(threads) if threads else default_threads()
         self.n_gpu_layers = n_gpu_layers
         self.chat_template_option = _load_template_option(chat_template)
-        self.early_exit = bool(early_exit)
+        self.early_exit = _prefix_rule_option(early_exit)
         self.use_extra_bufts = bool(use_extra_bufts)
         self.flash_attn = bool(flash_attn)
         self.timeout_s = float(timeout_s)
@@ -333,12 +343,11 @@ class LlamaCppEngine:
         info = self._info(Path(path))
         template, _ = self._template(info, path)
         stops = [m for m in END_OF_TURN_MARKERS if m in template or m == info.eos_token]
-        from pytest_quantsafe.measure.refusal import REFUSAL_OPENERS
-
+        early_exit = self.early_exit.to_dict() if self.early_exit is not None else None
         worker = self._ensure_loaded(path)
         worker.send({"op": "generate", "items": [{"id": str(i), "prompt": p} for i, p in enumerate(prompts)],
                      "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size,
-                     "seed": config.seed, "early_exit": self.early_exit, "openers": list(REFUSAL_OPENERS),
+                     "seed": config.seed, "early_exit": early_exit,
                      "stop_strings": stops, "share_prefix": self.share_prefix})
         results: dict[int, Completion] = {}
         doing = f"generating {len(probes)} completions with {Path(path).name}"
@@ -373,6 +382,22 @@ class LlamaCppEngine:
         if self._worker is not None:
             self._worker.close()
             self._worker = None
+
+
+def _prefix_rule_option(value: PrefixRule | Mapping[str, Any] | None) -> PrefixRule | None:
+    """Return the early-exit rule given as an option (a ``PrefixRule`` or its plain data)."""
+    if value is None or value is False or isinstance(value, PrefixRule):
+        return value or None
+    if isinstance(value, Mapping):
+        try:
+            return PrefixRule.from_dict(value)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(f"engine option early_exit is not a refusal prefix rule: {exc}",
+                             where="engine option early_exit",
+                             fix="pass a detector's prefix_rule() (screen.py does when early exit is on)") from exc
+    raise UsageError(f"engine option early_exit must be a refusal prefix rule, not {value!r}",
+                     where="engine option early_exit",
+                     fix="pass a detector's prefix_rule(), e.g. PatternDetector().prefix_rule(), or None")
 
 
 def _load_template_option(value: str | None) -> str | None:
