@@ -14,12 +14,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pytest_quantsafe._util import safe_name
 from pytest_quantsafe.engines.pairing import check_matched_pair
 from pytest_quantsafe.errors import ProbeSetError, UsageError
 from pytest_quantsafe.types import (
@@ -36,8 +36,6 @@ from pytest_quantsafe.types import (
 
 log = logging.getLogger("quantsafe.screen")
 
-_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
-
 #: Engine option that stops a sequence once the detector can no longer call it a refusal: a bool
 #: for callers of ``screen_models``, the detector's ``PrefixRule`` (or None) for the engine.
 EARLY_EXIT_OPTION = "early_exit"
@@ -48,7 +46,7 @@ EARLY_EXIT_ENGINES = frozenset({"gguf"})
 def output_name(artifact: Artifact) -> str:
     """Return the folder name for a candidate's outputs (docs/internal-api.md "Output folder layout")."""
     raw = artifact.ref.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1] or artifact.name
-    return _UNSAFE_NAME.sub("_", raw)
+    return safe_name(raw)
 
 
 def _external_artifact(role: str) -> Artifact:

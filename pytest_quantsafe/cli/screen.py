@@ -20,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from pytest_quantsafe._util import text_table
 from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_INSUFFICIENT, EXIT_PASS, EXIT_USAGE
 from pytest_quantsafe.types import LIMITS_SENTENCE, ProbeSet, ScreeningResult
 
@@ -158,10 +159,7 @@ def format_table(results: Sequence[ScreeningResult]) -> str:
                      f"{_interval(s.baseline)} -> {_interval(s.candidate)}",
                      f"{delta:+.1f} pp" if quality.get("status") == "measured" and delta is not None else "-",
                      r.verdict.outcome))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(text_table(rows, rule_under_header=True))
 
 
 def _report(results: Sequence[ScreeningResult], out: Path | None) -> None:

@@ -11,16 +11,16 @@ terminal report.
 from __future__ import annotations
 
 import glob
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from pytest_quantsafe._util import UNSAFE_NAME_CHARS as _UNSAFE_ID
+from pytest_quantsafe._util import text_table
 from pytest_quantsafe.errors import QuantSafeError, UsageError
 from pytest_quantsafe.types import BANDS, LIMITS_SENTENCE, Band, Policy, ScreeningResult
 
-_UNSAFE_ID = re.compile(r"[^A-Za-z0-9._-]")
 _REMOTE = ("http://", "https://", "hf://")
 
 
@@ -316,7 +316,5 @@ def summary_lines(session: QuantSafetySession) -> list[str]:
                      "-" if s.rtsi is None else f"{s.rtsi:.4f}",
                      f"{_pct(s.baseline.refusal_rate)}->{_pct(s.candidate.refusal_rate)}",
                      r.verdict.outcome, r.paths.get("record", "-")))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    return out + [LIMITS_SENTENCE]
+    return text_table(rows) + [LIMITS_SENTENCE]
 
