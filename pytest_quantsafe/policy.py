@@ -25,18 +25,8 @@ from pytest_quantsafe.errors import (
     EXIT_PASS,
     PolicyError,
 )
-from pytest_quantsafe.types import (
-    BANDS,
-    Band,
-    Bands,
-    GenerationConfig,
-    Policy,
-    RuleResult,
-    Screening,
-    Verdict,
-    canonical_json,
-    sha256_hex,
-)
+from pytest_quantsafe.results import Bands, Policy, RuleResult, Screening, Verdict
+from pytest_quantsafe.types import BANDS, Band, GenerationConfig, canonical_json, sha256_hex
 
 #: Flags that fail every enforcing policy, listed or not: implausible input is never a pass.
 ALWAYS_FAIL_FLAGS: tuple[str, ...] = ("implausible:*",)

@@ -22,16 +22,14 @@ from typing import Any
 from pytest_quantsafe._util import safe_name
 from pytest_quantsafe.engines.pairing import check_matched_pair
 from pytest_quantsafe.errors import ProbeSetError, UsageError
+from pytest_quantsafe.results import Policy, Screening, ScreeningResult
 from pytest_quantsafe.types import (
     Artifact,
     Completion,
     GenerationConfig,
-    Policy,
     PrefixRule,
     ProbeSet,
     RefusalProfile,
-    Screening,
-    ScreeningResult,
 )
 
 log = logging.getLogger("quantsafe.screen")

@@ -22,7 +22,8 @@ from typing import Any
 
 from pytest_quantsafe._util import text_table
 from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_INSUFFICIENT, EXIT_PASS, EXIT_USAGE
-from pytest_quantsafe.types import LIMITS_SENTENCE, ProbeSet, ScreeningResult
+from pytest_quantsafe.results import ScreeningResult
+from pytest_quantsafe.types import LIMITS_SENTENCE, ProbeSet
 
 #: Worst-first order of exit codes when several candidates are screened.
 EXIT_SEVERITY: tuple[int, ...] = (EXIT_USAGE, EXIT_INSUFFICIENT, EXIT_GATE_FAILED, EXIT_PASS)

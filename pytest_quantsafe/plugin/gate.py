@@ -19,7 +19,8 @@ from typing import Literal
 from pytest_quantsafe._util import UNSAFE_NAME_CHARS as _UNSAFE_ID
 from pytest_quantsafe._util import text_table
 from pytest_quantsafe.errors import QuantSafeError, UsageError
-from pytest_quantsafe.types import BANDS, LIMITS_SENTENCE, Band, Policy, ScreeningResult
+from pytest_quantsafe.results import Policy, ScreeningResult
+from pytest_quantsafe.types import BANDS, LIMITS_SENTENCE, Band
 
 _REMOTE = ("http://", "https://", "hf://")
 

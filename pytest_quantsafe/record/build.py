@@ -20,17 +20,14 @@ from pytest_quantsafe import __version__
 from pytest_quantsafe._util import write_atomic
 from pytest_quantsafe.errors import InputError
 from pytest_quantsafe.record.render import render_card, render_summary
+from pytest_quantsafe.results import Calibration, Policy, Screening, Verdict
 from pytest_quantsafe.types import (
     LIMITS_SENTENCE,
     PROTOCOL_ID,
     RECORD_SCHEMA,
     Artifact,
-    Calibration,
     GenerationConfig,
-    Policy,
     ProbeSet,
-    Screening,
-    Verdict,
     canonical_json,
     sha256_hex,
 )

@@ -19,12 +19,12 @@ from typing import Any
 from pytest_quantsafe import __version__
 from pytest_quantsafe.errors import InputError
 from pytest_quantsafe.measure.features import wilson_interval
+from pytest_quantsafe.results import Calibration
 from pytest_quantsafe.score.rtsi import score
 from pytest_quantsafe.types import (
     FEATURE_NAMES,
     LIMITS_SENTENCE,
     PROTOCOL_ID,
-    Calibration,
     RefusalProfile,
     canonical_json,
     sha256_hex,

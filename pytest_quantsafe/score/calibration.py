@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from pytest_quantsafe.errors import PolicyError
-from pytest_quantsafe.types import FEATURE_NAMES, PROTOCOL_ID, Bands, Calibration
+from pytest_quantsafe.results import Bands, Calibration
+from pytest_quantsafe.types import FEATURE_NAMES, PROTOCOL_ID
 
 #: Keys every profile's provenance must carry.
 REQUIRED_PROVENANCE: tuple[str, ...] = (
