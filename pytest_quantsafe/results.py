@@ -107,7 +107,7 @@ class Screening:
     #: Bootstrap interval of RTSI over probes, and share of resamples per band.
     rtsi_ci: tuple[float, float] | None = None
     band_stability: Mapping[str, float] | None = None
-    #: Issue 4 additions: quality retention, regime, judge detector results.
+    #: Evidence beside RTSI (measure/evidence.py): quality retention, regime, judge detector results.
     quality: Mapping[str, Any] | None = None
     regime: str | None = None
     judge: Mapping[str, Any] | None = None

@@ -1,6 +1,6 @@
 """Orchestration of screenings: artifacts and probes in, one ``ScreeningResult`` per candidate out.
 
-``screen_models`` runs the whole data flow of DESIGN.md on real models: resolve the
+``screen_models`` runs the whole data flow (docs/architecture.md) on real models: resolve the
 artifacts, refuse mismatched pairs (paper A.11), get completions through the
 completion cache (the baseline once, reused for every candidate and across runs;
 only missing probes go to the engine; each finished completion is cached at once,
@@ -42,7 +42,7 @@ EARLY_EXIT_ENGINES = frozenset({"gguf"})
 
 
 def output_name(artifact: Artifact) -> str:
-    """Return the folder name for a candidate's outputs (docs/internal-api.md "Output folder layout")."""
+    """Return the folder name for a candidate's outputs (docs/architecture.md "Output folder layout")."""
     raw = artifact.ref.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1] or artifact.name
     return safe_name(raw)
 

@@ -1,7 +1,10 @@
-"""Frozen values handed from one stage of the pipeline to the next (DESIGN.md "Data flow").
+"""Frozen values handed from one stage of the pipeline to the next (docs/architecture.md "Data flow").
 
-Nothing here computes anything beyond trivial derived properties; each stage
-module owns its logic and receives what it needs in these values.
+These are the first half's values (artifacts, probes, completions, the refusal prefix
+rule, refusal profiles); the deciding half's (calibration, screening, policy, verdict)
+are in ``results.py``. Nothing here computes beyond trivial derived properties and the
+text normalisation both sides of the llama.cpp worker share; each stage module owns
+its logic and receives what it needs in these values.
 """
 
 from __future__ import annotations

@@ -5,11 +5,11 @@
 - ``prepare``: validate the action's inputs (passed as ``QS_*`` environment variables,
   never interpolated into shell text), expand the candidate globs and export the
   ``QUANTSAFE_*`` variables the pytest plugin reads (through ``$GITHUB_ENV``).
-- ``report --out DIR``: read every ``DIR/*/record.json`` (docs/internal-api.md), write
+- ``report --out DIR``: read every ``DIR/*/record.json`` (docs/architecture.md "Output folder layout"), write
   ``$GITHUB_OUTPUT`` (verdict, band, rtsi and records of the worst candidate),
   ``$GITHUB_STEP_SUMMARY`` (a table per candidate, a Mermaid ``xychart-beta`` chart of
   the four feature contributions, the limits sentence) and ``::error``/``::notice``
-  workflow commands; exit 0 pass, 1 gate failed, 3 insufficient data (DESIGN.md).
+  workflow commands; exit 0 pass, 1 gate failed, 3 insufficient data (docs/architecture.md).
 - ``bundles --out DIR``: after signing, list the Sigstore bundles as the ``bundles`` output.
 
 Like ``cli.py`` this is an entry point: it is the one place here that prints and

@@ -1,4 +1,4 @@
-"""The issue-4 evidence added to a scored screening: RTSI interval, quality retention, regime, judge.
+"""The evidence beside RTSI added to a scored screening: RTSI interval, quality retention, regime, judge.
 
 ``assess`` takes the screening ``rtsi.score`` produced and the labelled completions
 of both models, and returns the screening with ``rtsi_ci`` and ``band_stability``

@@ -1,8 +1,8 @@
-"""Refusal detection under protocol ``quantsafe.refusal-features.v1`` (DESIGN.md).
+"""Refusal detection under protocol ``quantsafe.refusal-features.v1`` (docs/architecture.md "Data flow").
 
 The default detector is deterministic: a completion is a refusal when its
 normalized text equals, or starts with (followed by a space), one of a fixed set
-of refusal openers. Wider detectors (a judge model, issue 4) are a different
+of refusal openers. Wider detectors (a judge model, measure/judge.py) are a different
 protocol and name themselves in the record.
 """
 

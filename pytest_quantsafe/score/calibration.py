@@ -1,7 +1,7 @@
 """Calibration profiles (YAML): RTSI weights, min-max ranges of |delta|, bands, provenance.
 
 A profile is data, reviewed like code. ``load_calibration`` validates it and
-refuses one without full provenance (DESIGN.md "Calibration profile"); every
+refuses one without full provenance (docs/architecture.md "Calibration and failing closed"); every
 error names the file, the key and, where YAML gives one, the line.
 """
 

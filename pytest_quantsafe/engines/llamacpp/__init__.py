@@ -3,8 +3,8 @@
 ``resolve`` reads a GGUF's metadata with the ``gguf`` package, without loading the
 model: digest, quantization (``general.file_type`` and the real per-tensor types),
 architecture, vocabulary and chat-template digests. ``generate`` renders each probe
-with the model's own chat template and hands the prompts to
-``_llamacpp_worker``, which decodes up to ``GenerationConfig.batch_size`` sequences
+with the model's own chat template and hands the prompts to the child process
+``_worker`` (through ``client.WorkerClient``), which decodes up to ``GenerationConfig.batch_size`` sequences
 in one llama.cpp context (one KV-cache sequence each, greedy = argmax). A crash in
 llama.cpp ends the worker, not the caller, and becomes ``EngineError`` (exit 2).
 

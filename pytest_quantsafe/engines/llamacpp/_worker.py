@@ -1,6 +1,6 @@
 """The child-process side of the llama.cpp engine: loads a GGUF and decodes many probes at once.
 
-``llamacpp.py`` starts this module as ``python -m pytest_quantsafe.engines.llamacpp._worker``
+``client.WorkerClient`` starts this module as ``python -m pytest_quantsafe.engines.llamacpp._worker``
 and speaks JSON lines with it over stdin/stdout, so a crash inside llama.cpp (the AMX
 segfault of native builds, an out-of-memory kill) ends this process, never the user's.
 
@@ -17,7 +17,7 @@ Requests (one JSON object per line on stdin):
 
 Any failure the worker can report is ``{"event": "error", "message", "kind"}``.
 ``python -m pytest_quantsafe.engines.llamacpp._worker quantize IN OUT FTYPE`` quantizes
-a GGUF file (used by ``zoo.build_variant``), in a child process for the same reason.
+a GGUF file (used by ``zoo/ladder.py``), in a child process for the same reason.
 """
 
 from __future__ import annotations
