@@ -20,9 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from pytest_quantsafe._util import safe_name
+from pytest_quantsafe.engines.base import Engine, detect_engine, engine_options_from, get_engine
+from pytest_quantsafe.engines.cache import CompletionCache, default_root
 from pytest_quantsafe.engines.pairing import check_matched_pair
-from pytest_quantsafe.errors import ProbeSetError, UsageError
+from pytest_quantsafe.engines.progress import GenerationProgress
+from pytest_quantsafe.errors import EngineError, ProbeSetError, UsageError
+from pytest_quantsafe.measure import evidence, features, refusal
+from pytest_quantsafe.measure.judge import JudgeDetector
+from pytest_quantsafe.measure.quality import MiniLMEmbedder
+from pytest_quantsafe.policy import decide
+from pytest_quantsafe.probes import load_probes
+from pytest_quantsafe.record import build as records
 from pytest_quantsafe.results import Policy, Screening, ScreeningResult
+from pytest_quantsafe.score import rtsi
 from pytest_quantsafe.types import (
     Artifact,
     Completion,
@@ -83,10 +93,6 @@ def screen_profiles(
     external evidence, never invented. ``assess`` (evidence.assess with the completions
     bound) adds the RTSI interval, quality, regime and judge before the decision.
     """
-    from pytest_quantsafe.policy import decide
-    from pytest_quantsafe.record import build as records
-    from pytest_quantsafe.score import rtsi
-
     baseline = baseline_artifact if baseline_artifact is not None else _external_artifact("baseline")
     candidate = candidate_artifact if candidate_artifact is not None else _external_artifact("candidate")
     screening = rtsi.score(baseline_profile, candidate_profile, policy.calibration,
@@ -134,12 +140,10 @@ class _Engines:
     def __init__(self, options: Mapping[str, Any], rule: PrefixRule | None) -> None:
         self.options = dict(options)
         self.rule = rule
-        self._backends: dict[tuple[str, bool], tuple[Any, dict[str, Any]]] = {}
+        self._backends: dict[tuple[str, bool], tuple[Engine, dict[str, Any]]] = {}
 
-    def get(self, name: str, *, full_text: bool = False) -> tuple[Any, dict[str, Any]]:
+    def get(self, name: str, *, full_text: bool = False) -> tuple[Engine, dict[str, Any]]:
         """Return (engine, its options); ``full_text`` forces early exit off."""
-        from pytest_quantsafe.engines.base import get_engine
-
         chosen = engine_options_for(name, self.options)
         early = bool(chosen.pop(EARLY_EXIT_OPTION, False)) and not full_text and self.rule is not None
         if name in EARLY_EXIT_ENGINES:
@@ -151,8 +155,6 @@ class _Engines:
 
     def resolve(self, refs: Sequence[str], engine: str) -> list[_Side]:
         """Return the resolved sides of ``refs`` (engine detected per reference with "auto")."""
-        from pytest_quantsafe.engines.base import detect_engine
-
         sides = []
         for ref in refs:
             name = detect_engine(ref) if engine == "auto" else engine
@@ -202,16 +204,13 @@ def _cache_options(artifact: Artifact, options: Mapping[str, Any]) -> dict[str, 
     return keyed
 
 
-def _complete(side: _Side, probe_set: ProbeSet, config: GenerationConfig, cache: Any, engines: _Engines, *,
+def _complete(side: _Side, probe_set: ProbeSet, config: GenerationConfig, cache: CompletionCache, engines: _Engines, *,
               full_text_kinds: frozenset[str], progress: bool, label: str) -> list[Completion]:
     """Return one completion per probe: cached ones reused, missing ones generated and cached at once.
 
     Probes of ``full_text_kinds`` go to an engine instance without early exit (under
     their own cache key); the others may stop early.
     """
-    from pytest_quantsafe.engines.progress import GenerationProgress
-    from pytest_quantsafe.errors import EngineError
-
     groups = []
     for full_text in (False, True):
         members = tuple(p for p in probe_set.items if (p.kind in full_text_kinds) == full_text)
@@ -269,13 +268,6 @@ def screen_models(
     implements it, unless the caller turns it off (``engine_options_for``). ``judge``
     names a model (any engine) that labels refusals as a second measurement (judge.py).
     """
-    from pytest_quantsafe.engines.base import engine_options_from
-    from pytest_quantsafe.engines.cache import CompletionCache, default_root
-    from pytest_quantsafe.measure import evidence, features, refusal
-    from pytest_quantsafe.measure.judge import JudgeDetector
-    from pytest_quantsafe.measure.quality import MiniLMEmbedder
-    from pytest_quantsafe.probes import load_probes
-
     if not candidates:
         raise UsageError("no candidate to screen", fix="pass at least one --candidate")
     probe_set = probes if probes is not None else load_probes(policy.probes)

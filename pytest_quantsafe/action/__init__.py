@@ -49,6 +49,7 @@ from pytest_quantsafe.errors import (
     SigningError,
     UsageError,
 )
+from pytest_quantsafe.policy import load_policy
 from pytest_quantsafe.types import LIMITS_SENTENCE
 
 ENGINES = ("auto", "gguf", "hf", "openai")
@@ -141,8 +142,6 @@ def prepare(environ: Mapping[str, str], root: Path) -> dict[str, str]:
         raise UsageError(f"sign must be true or false, got {sign!r}", where="input sign")
     policy = _env(environ, "QS_POLICY")
     if policy:
-        from pytest_quantsafe.policy import load_policy
-
         # Fail here, naming the file, key and line, rather than as a pytest usage error later.
         is_path = "/" in policy or policy.endswith((".yaml", ".yml"))
         load_policy(root / policy if is_path and not os.path.isabs(policy) else policy)
