@@ -510,3 +510,33 @@ def test_record_inconsistencies_are_refused(low_record: dict[str, Any], edit: An
     edit(record)
     with pytest.raises(VerificationFailed, match=match):
         check_record(record)
+
+
+@pytest.mark.slow
+def test_cli_attest_and_verify_the_real_hf_checkpoint(tmp_path: Path, smollm2_hf: Path, smollm2_gguf: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The dequantized SmolLM2 checkpoint as the HF engine resolves it: signed, verified, then one weight replaced."""
+    model = tmp_path / "smollm2-hf"
+    model.mkdir()
+    for source in smollm2_hf.iterdir():  # links: the cached checkpoint itself is never written
+        if source.is_file():
+            (model / source.name).symlink_to(source)
+    record_path = tmp_path / "record.json"
+    record = _hf_record(model, smollm2_gguf)
+    names = sorted(Path(f["path"]).name for f in record["candidate"]["artifact"]["files"])
+    assert "config.json" in names and any(n.endswith(".safetensors") for n in names)
+    record_path.write_text(json.dumps(record))
+    key = tmp_path / "release.pem"
+    assert main(["keygen", "--out", str(key)]) == 0
+    out = tmp_path / "smollm2.quantsafe.dsse.json"
+    assert main(["attest", str(record_path), "--artifact", str(model), "--key", str(key), "--out", str(out)]) == 0
+    public = str(tmp_path / "release.pub.pem")
+    assert main(["verify", str(out), "--artifact", str(model), "--key", public]) == 0
+    capsys.readouterr()
+    weights = next(model / n for n in names if n.endswith(".safetensors"))
+    with open(weights, "rb") as handle:
+        head = handle.read(1 << 20)
+    weights.unlink()
+    weights.write_bytes(head)  # another weight file under the same name
+    assert main(["verify", str(out), "--artifact", str(model), "--key", public]) == 4
+    assert "error[verification_failed]" in capsys.readouterr().err
