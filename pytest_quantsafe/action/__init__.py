@@ -5,11 +5,11 @@
 - ``prepare``: validate the action's inputs (passed as ``QS_*`` environment variables,
   never interpolated into shell text), expand the candidate globs and export the
   ``QUANTSAFE_*`` variables the pytest plugin reads (through ``$GITHUB_ENV``).
-- ``report --out DIR``: read every ``DIR/*/record.json`` (docs/internal-api.md), write
+- ``report --out DIR``: read every ``DIR/*/record.json`` (docs/architecture.md "Output folder layout"), write
   ``$GITHUB_OUTPUT`` (verdict, band, rtsi and records of the worst candidate),
   ``$GITHUB_STEP_SUMMARY`` (a table per candidate, a Mermaid ``xychart-beta`` chart of
   the four feature contributions, the limits sentence) and ``::error``/``::notice``
-  workflow commands; exit 0 pass, 1 gate failed, 3 insufficient data (DESIGN.md).
+  workflow commands; exit 0 pass, 1 gate failed, 3 insufficient data (docs/architecture.md).
 - ``bundles --out DIR``: after signing, list the Sigstore bundles as the ``bundles`` output.
 
 Like ``cli.py`` this is an entry point: it is the one place here that prints and
@@ -39,6 +39,7 @@ from pytest_quantsafe.action.summary import (
     worst,
 )
 from pytest_quantsafe.cli.screen import worst_exit_code
+from pytest_quantsafe.engines.options import api_key_variable, parse_engine_options, split_option_list
 from pytest_quantsafe.errors import (
     EXIT_GATE_FAILED,
     EXIT_INSUFFICIENT,
@@ -49,6 +50,7 @@ from pytest_quantsafe.errors import (
     UsageError,
     from_exception,
 )
+from pytest_quantsafe.policy import load_policy
 from pytest_quantsafe.types import LIMITS_SENTENCE
 
 ENGINES = ("auto", "gguf", "hf", "openai")
@@ -141,13 +143,9 @@ def prepare(environ: Mapping[str, str], root: Path) -> dict[str, str]:
         raise UsageError(f"sign must be true or false, got {sign!r}", where="input sign")
     policy = _env(environ, "QS_POLICY")
     if policy:
-        from pytest_quantsafe.policy import load_policy
-
         # Fail here, naming the file, key and line, rather than as a pytest usage error later.
         is_path = "/" in policy or policy.endswith((".yaml", ".yml"))
         load_policy(root / policy if is_path and not os.path.isabs(policy) else policy)
-    from pytest_quantsafe.engines.options import parse_engine_options, split_option_list
-
     option_items = split_option_list(environ.get("QS_ENGINE_OPTIONS", ""))
     parse_engine_options(engine, option_items, where="input engine-options")
     out = _env(environ, "QS_OUT")
@@ -166,21 +164,6 @@ def prepare(environ: Mapping[str, str], root: Path) -> dict[str, str]:
                 "QUANTSAFE_PROBES": _env(environ, "QS_PROBES"), "QUANTSAFE_ENGINE_OPTIONS": "\n".join(option_items)}
     env.update({key: value for key, value in optional.items() if value})
     return env
-
-
-def api_key_variable(env: Mapping[str, str]) -> str:
-    """Return the environment variable the openai engine reads its key from (option ``api_key_env``)."""
-    from pytest_quantsafe.engines.options import parse_engine_options, split_option_list
-
-    options = parse_engine_options(env.get("QUANTSAFE_ENGINE", "auto"),
-                                   split_option_list(env.get("QUANTSAFE_ENGINE_OPTIONS", "")),
-                                   where="input engine-options")
-    name = str(options.get("api_key_env") or "OPENAI_API_KEY")
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name.startswith(("GITHUB_", "QS_", "QUANTSAFE_", "LD_")) \
-            or name in ("PATH", "HOME", "PYTHONPATH"):
-        raise UsageError(f"api_key_env {name!r} is not a usable environment variable name",
-                         where="input engine-options api_key_env", fix="use a name such as OPENAI_API_KEY")
-    return name
 
 
 def subject_count(env: Mapping[str, str]) -> int:
@@ -234,9 +217,8 @@ def build_report(out_dir: Path, *, expected: int | None = None, pytest_exit: int
         problems.append(f"{missing or expected or 'the'} candidate(s) produced no screening record in {out_dir}")
         code = worst_exit_code([code, EXIT_INSUFFICIENT])
     if pytest_exit not in (None, 0) and junit_path is not None and junit is None:
-        # pytest writes its JUnit XML whenever it runs at all (failures included): without it
-        # pytest itself did not start (not installed, broken environment). That is the cause
-        # to report, not the missing records it leaves behind.
+        # pytest writes its JUnit XML whenever it runs at all: without it pytest itself did not
+        # start (not installed, broken environment); report that, not the missing records.
         problems.insert(0, f"the gate suite could not run: pytest exited {pytest_exit} and wrote no JUnit XML "
                            f"({junit_path}); see the gate step's log")
         code = EXIT_USAGE
@@ -322,7 +304,8 @@ def _cmd_prepare(args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"::add-mask::{os.environ['QS_API_KEY']}\n")
         out.flush()
     env = prepare(os.environ, Path(os.environ.get("GITHUB_WORKSPACE") or os.getcwd()))
-    key_variable = api_key_variable(env)
+    key_variable = api_key_variable(env.get("QUANTSAFE_ENGINE", "auto"),
+                                    split_option_list(env.get("QUANTSAFE_ENGINE_OPTIONS", "")))
     if os.environ.get("GITHUB_ENV"):
         append_file_command(os.environ["GITHUB_ENV"], env)
     count = subject_count(env)

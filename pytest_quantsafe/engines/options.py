@@ -13,6 +13,7 @@ environment variable its ``api_key_env`` option names.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -83,3 +84,14 @@ def parse_engine_options(engine: str, items: Iterable[str], *, where: str = "--e
                              fix=f"the {engine} engine accepts: {', '.join(sorted(table))}")
         options[key] = _convert(key, value.strip(), table[key], f"{where} {key}")
     return options
+
+
+def api_key_variable(engine: str, items: Iterable[str]) -> str:
+    """Return the environment variable the openai engine reads its key from (option ``api_key_env``), checked."""
+    name = str(parse_engine_options(engine, items, where="input engine-options").get("api_key_env")
+               or "OPENAI_API_KEY")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name.startswith(("GITHUB_", "QS_", "QUANTSAFE_", "LD_")) \
+            or name in ("PATH", "HOME", "PYTHONPATH"):
+        raise UsageError(f"api_key_env {name!r} is not a usable environment variable name",
+                         where="engine option api_key_env", fix="use a name such as OPENAI_API_KEY")
+    return name
