@@ -59,6 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("error[interrupted]: stopped by the user; completed generations are cached.\n")
         return 130
+    except Exception as exc:  # noqa: BLE001  # a third-party failure: typed, never a traceback
+        from pytest_quantsafe.errors import from_exception
+
+        error = from_exception(exc, f"quantsafe {getattr(args, 'command', None) or ''}".strip())
+        sys.stderr.write(error.diagnostics() + "\n")
+        return error.exit_code
 
 
 def run() -> None:

@@ -80,6 +80,8 @@ def register(subparsers: Any) -> None:
                    help="which ladder to screen (default: all)")
     d.add_argument("--full", action="store_true", help="screen the whole default probe set "
                    f"(default: {DEMO_HARMFUL} harmful + {DEMO_BENIGN} benign, category-stratified)")
+    d.add_argument("--max-probes", type=int, metavar="N",
+                   help="screen a category-stratified subset of N probes (2/3 harmful, 1/3 benign)")
     d.set_defaults(func=run_demo, out=None)
 
 
@@ -92,6 +94,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="generate every answer in full (default: stop an answer once the pattern detector "
                    "can no longer call it a refusal; records are the same either way)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an engine option (repeatable), typed by the engine's option table, e.g. digest=<sha256> "
+                   "or concurrency=8 for openai; secrets come from the environment (api_key_env=NAME)")
     p.add_argument("--judge", metavar="MODEL", help="a refusal-judge model (.gguf, HF folder, hf://, http(s)://): "
                    "records its refusal rates and flags measurement_divergence at >= 20 pp")
 
@@ -121,8 +126,10 @@ def _subset(probe_set: ProbeSet, max_probes: int | None) -> ProbeSet:
     return select(probe_set, n_harmful, n_benign)
 
 
-def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    options: dict[str, Any] = {}
+def _engine_options(args: argparse.Namespace, engine: str) -> dict[str, Any]:
+    from pytest_quantsafe.engines.options import parse_engine_options
+
+    options: dict[str, Any] = parse_engine_options(engine, args.engine_option)
     if args.no_early_exit:
         options["early_exit"] = False
     if args.threads is not None:
@@ -196,7 +203,7 @@ def run_screen(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy)
     probe_set = _subset(load_probes(args.probes if args.probes else policy.probes), args.max_probes)
     results = screen_models(args.baseline, args.candidate, policy=policy, probes=probe_set, out_dir=args.out,
-                            engine=args.engine, engine_options=_engine_options(args), cache_dir=args.cache_dir,
+                            engine=args.engine, engine_options=_engine_options(args, args.engine), cache_dir=args.cache_dir,
                             progress=not args.no_progress, judge=args.judge)
     _report(results, args.out)
     code = worst_exit_code([r.verdict.exit_code for r in results])
@@ -211,8 +218,11 @@ def run_demo(args: argparse.Namespace) -> int:
     _setup(args)
     log = logging.getLogger("quantsafe.demo")
     policy = load_policy(args.policy)
+    options = _engine_options(args, "gguf")
     probe_set = load_probes(policy.probes)
-    if not args.full:
+    if args.max_probes is not None:
+        probe_set = _subset(probe_set, args.max_probes)
+    elif not args.full:
         probe_set = select(probe_set, min(DEMO_HARMFUL, len(probe_set.harmful)),
                            min(DEMO_BENIGN, len(probe_set.benign)))
     out = args.out if args.out is not None else Path("quantsafe-out") / "demo"
@@ -230,7 +240,7 @@ def run_demo(args: argparse.Namespace) -> int:
                  ", ".join(p.name for p in ladder[1:]), ladder[0].name, len(probe_set.harmful),
                  len(probe_set.benign))
         screened = screen_models(str(ladder[0]), [str(p) for p in ladder[1:]], policy=policy, probes=probe_set,
-                                 out_dir=out, engine="gguf", engine_options=_engine_options(args),
+                                 out_dir=out, engine="gguf", engine_options=options,
                                  cache_dir=args.cache_dir, progress=not args.no_progress, judge=args.judge)
         print(f"{what}: baseline {ladder[0].name}")
         print(format_table(screened))
