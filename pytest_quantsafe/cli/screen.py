@@ -22,6 +22,7 @@ from typing import Any
 
 from pytest_quantsafe import zoo
 from pytest_quantsafe._util import text_table
+from pytest_quantsafe.cli.jsonout import add_json_flag, set_result
 from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_INSUFFICIENT, EXIT_PASS, EXIT_USAGE, UsageError
 from pytest_quantsafe.policy import load_policy
 from pytest_quantsafe.probes import load_probes, select
@@ -92,6 +93,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="generate every answer in full (default: stop an answer once the pattern detector "
                    "can no longer call it a refusal; records are the same either way)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_json_flag(p)
     p.add_argument("--judge", metavar="MODEL", help="a refusal-judge model (.gguf, HF folder, hf://, http(s)://): "
                    "records its refusal rates and flags measurement_divergence at >= 20 pp")
 
@@ -174,6 +176,31 @@ def _footer(results: Sequence[ScreeningResult], out: Path | None) -> None:
     print(LIMITS_SENTENCE)
 
 
+def result_summary(r: ScreeningResult) -> dict[str, Any]:
+    """Return one candidate's screening as the ``--json`` document lists it."""
+    s = r.screening
+    return {
+        "candidate": output_name(r.candidate), "quantization": r.candidate.quantization,
+        "artifact_digest": r.candidate.digest, "baseline": output_name(r.baseline),
+        "status": s.status, "band": s.band, "rtsi": s.rtsi,
+        "rtsi_ci": list(s.rtsi_ci) if s.rtsi_ci is not None else None, "flags": list(s.flags),
+        "regime": s.regime,
+        "refusal_rate": {"baseline": s.baseline.refusal_rate, "candidate": s.candidate.refusal_rate},
+        "quality_delta_pp": (s.quality or {}).get("quality_delta_pp"),
+        "verdict": {"outcome": r.verdict.outcome, "exit_code": r.verdict.exit_code,
+                    "reasons": list(r.verdict.reasons),
+                    "broken_rules": [rule.rule for rule in r.verdict.rules if not rule.passed]},
+        "record": r.paths.get("record"),
+    }
+
+
+def _json_result(args: argparse.Namespace, results: Sequence[ScreeningResult], out: Path | None,
+                 exit_code: int) -> None:
+    set_result(args, {"candidates": [result_summary(r) for r in results],
+                      "out": str(out) if out is not None else None, "exit_code": exit_code,
+                      "limits": LIMITS_SENTENCE})
+
+
 def _verdict_lines(results: Sequence[ScreeningResult]) -> list[str]:
     names = {EXIT_PASS: "pass", EXIT_GATE_FAILED: "gate failed", EXIT_INSUFFICIENT: "insufficient data"}
     lines = []
@@ -203,6 +230,7 @@ def run_screen(args: argparse.Namespace) -> int:
     summary = {EXIT_PASS: "quantsafe: pass (exit 0)", EXIT_GATE_FAILED: "quantsafe: gate failed (exit 1)",
                EXIT_INSUFFICIENT: "quantsafe: insufficient data (exit 3)"}
     sys.stderr.write("\n".join([*_verdict_lines(results), summary.get(code, f"quantsafe: exit {code}")]) + "\n")
+    _json_result(args, results, args.out, code)
     return code
 
 
@@ -240,4 +268,5 @@ def run_demo(args: argparse.Namespace) -> int:
     print("gate outcome per candidate (the demo itself exits 0):")
     for line in _verdict_lines(results):
         print(f"  {line}")
+    _json_result(args, results, out, EXIT_PASS)
     return EXIT_PASS
