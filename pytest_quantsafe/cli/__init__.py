@@ -24,6 +24,7 @@ COMMANDS: tuple[str, ...] = (
     "policy",    # policy check, policy diff
     "screen",    # screen, demo
     "attest",    # attest, verify, keygen
+    "report",    # diff, report, model-card
 )
 
 
