@@ -12,14 +12,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pytest_quantsafe._util import write_atomic
 from pytest_quantsafe.cli.jsonout import add_json_flag, set_result
-from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_PASS
+from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_PASS, InputError
 from pytest_quantsafe.record.diff import diff_records, render_diff
-from pytest_quantsafe.record.run import read_json_record, read_samples
+from pytest_quantsafe.record.html import REPORT_NAME, render_report
+from pytest_quantsafe.record.run import load_run, read_json_record, read_samples
 
 
 def register(subparsers: Any) -> None:
-    """Add the diff sub-command."""
+    """Add the diff, report and model-card sub-commands."""
     d = subparsers.add_parser(
         "diff", help="what changed between two screenings of the same candidate (exit 1 if band or verdict did)",
         description="Compare two records of the same rung on the same probe set (e.g. before and after a "
@@ -31,6 +33,16 @@ def register(subparsers: Any) -> None:
     add_json_flag(d)
     d.set_defaults(func=_diff)
 
+    r = subparsers.add_parser(
+        "report", help="(re)build OUT_DIR/report.html from the records of a screening run",
+        description="Write a self-contained HTML page (inline CSS and SVG, no network) over every "
+                    "OUT_DIR/<candidate>/record.json: the ladder, per-candidate contributions, verdicts, "
+                    "identity and, with samples.jsonl, the per-probe table.")
+    r.add_argument("out_dir", type=Path, help="the --out folder of a screening")
+    r.add_argument("--output", type=Path, help=f"write the page here (default OUT_DIR/{REPORT_NAME})")
+    add_json_flag(r)
+    r.set_defaults(func=_report)
+
 
 def _diff(args: argparse.Namespace) -> int:
     old, new = read_json_record(args.old), read_json_record(args.new)
@@ -39,3 +51,19 @@ def _diff(args: argparse.Namespace) -> int:
     sys.stdout.write(render_diff(diff) + "\n")
     set_result(args, diff)
     return EXIT_GATE_FAILED if diff["changed"] else EXIT_PASS
+
+
+def _report(args: argparse.Namespace) -> int:
+    entries = load_run(args.out_dir)
+    target = args.output or args.out_dir / REPORT_NAME
+    try:
+        write_atomic(target, render_report(entries))
+    except OSError as exc:
+        raise InputError(f"cannot write the report: {exc.strerror or exc}", where=str(target),
+                         fix="choose a writable --output path") from None
+    sys.stdout.write(f"report: {target} ({len(entries)} candidate(s))\n")
+    set_result(args, {"out": str(args.out_dir), "report": str(target),
+                      "candidates": [{"candidate": e.name, "band": e.record["screening"].get("band"),
+                                      "rtsi": e.record["screening"].get("rtsi")} for e in entries],
+                      "n_samples": sum(len(e.samples or []) for e in entries)})
+    return EXIT_PASS

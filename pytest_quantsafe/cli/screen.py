@@ -23,9 +23,17 @@ from typing import Any
 from pytest_quantsafe import zoo
 from pytest_quantsafe._util import text_table
 from pytest_quantsafe.cli.jsonout import add_json_flag, set_result
-from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_INSUFFICIENT, EXIT_PASS, EXIT_USAGE, UsageError
+from pytest_quantsafe.errors import (
+    EXIT_GATE_FAILED,
+    EXIT_INSUFFICIENT,
+    EXIT_PASS,
+    EXIT_USAGE,
+    QuantSafeError,
+    UsageError,
+)
 from pytest_quantsafe.policy import load_policy
 from pytest_quantsafe.probes import load_probes, select
+from pytest_quantsafe.record.html import write_report
 from pytest_quantsafe.results import ScreeningResult
 from pytest_quantsafe.screen import output_name, screen_models
 from pytest_quantsafe.types import LIMITS_SENTENCE, ProbeSet, RefusalProfile
@@ -168,12 +176,25 @@ def _report(results: Sequence[ScreeningResult], out: Path | None) -> None:
 
 
 def _footer(results: Sequence[ScreeningResult], out: Path | None) -> None:
-    """Print where each candidate's records went, then the limits sentence."""
+    """Print where each candidate's records went and the report, then the limits sentence."""
     if out is not None:
         for r in results:
             if r.paths:
                 print(f"records of {output_name(r.candidate)}: {Path(r.paths['record']).parent}")
+        report = write_run_report(out)
+        if report is not None:
+            print(f"report: {report}")
     print(LIMITS_SENTENCE)
+
+
+def write_run_report(out: Path) -> Path | None:
+    """Write ``out/report.html``; a failure is a warning on stderr, since the records are already written."""
+    try:
+        return write_report(out)
+    except (QuantSafeError, OSError) as exc:
+        message = exc.diagnostics() if isinstance(exc, QuantSafeError) else str(exc)
+        sys.stderr.write(f"quantsafe: report.html not written (the records are): {message}\n")
+        return None
 
 
 def result_summary(r: ScreeningResult) -> dict[str, Any]:
@@ -196,8 +217,10 @@ def result_summary(r: ScreeningResult) -> dict[str, Any]:
 
 def _json_result(args: argparse.Namespace, results: Sequence[ScreeningResult], out: Path | None,
                  exit_code: int) -> None:
+    report = out / "report.html" if out is not None and (out / "report.html").is_file() else None
     set_result(args, {"candidates": [result_summary(r) for r in results],
                       "out": str(out) if out is not None else None, "exit_code": exit_code,
+                      "report": str(report) if report is not None else None,
                       "limits": LIMITS_SENTENCE})
 
 
