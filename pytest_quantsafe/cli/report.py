@@ -17,6 +17,7 @@ from pytest_quantsafe.cli.jsonout import add_json_flag, set_result
 from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_PASS, InputError
 from pytest_quantsafe.record.diff import diff_records, render_diff
 from pytest_quantsafe.record.html import REPORT_NAME, render_report
+from pytest_quantsafe.record.modelcard import model_card_section
 from pytest_quantsafe.record.run import load_run, read_json_record, read_samples
 
 
@@ -43,6 +44,17 @@ def register(subparsers: Any) -> None:
     add_json_flag(r)
     r.set_defaults(func=_report)
 
+    m = subparsers.add_parser(
+        "model-card", help="print a Hugging Face model-card section (Markdown + YAML front matter) for a run",
+        description="Print the front matter (base_model, base_model_relation: quantized) and a Markdown "
+                    "section: a table per candidate, the limits sentence, how to verify the signed record. "
+                    "Needs huggingface_hub (the hf extra).")
+    m.add_argument("out_dir", type=Path, help="the --out folder of a screening")
+    m.add_argument("--base-model", help="hub repository id of the baseline (default: from the records)")
+    m.add_argument("--output", type=Path, help="write the card here instead of stdout")
+    add_json_flag(m)
+    m.set_defaults(func=_model_card)
+
 
 def _diff(args: argparse.Namespace) -> int:
     old, new = read_json_record(args.old), read_json_record(args.new)
@@ -66,4 +78,23 @@ def _report(args: argparse.Namespace) -> int:
                       "candidates": [{"candidate": e.name, "band": e.record["screening"].get("band"),
                                       "rtsi": e.record["screening"].get("rtsi")} for e in entries],
                       "n_samples": sum(len(e.samples or []) for e in entries)})
+    return EXIT_PASS
+
+
+def _model_card(args: argparse.Namespace) -> int:
+    entries = load_run(args.out_dir)
+    section = model_card_section(entries, base_model=args.base_model)
+    if not section["base_model_is_repo_id"]:
+        sys.stderr.write(f"quantsafe: base_model {section['metadata']['base_model']!r} is not a hub repository id "
+                         "(org/name); pass --base-model ORG/NAME for the hub to link it\n")
+    if args.output:
+        try:
+            write_atomic(args.output, section["card"])
+        except OSError as exc:
+            raise InputError(f"cannot write the card: {exc.strerror or exc}", where=str(args.output),
+                             fix="choose a writable --output path") from None
+    else:
+        sys.stdout.write(section["card"] + "\n")
+    set_result(args, {"markdown": section["markdown"], "metadata": section["metadata"], "card": section["card"],
+                      "candidates": [e.name for e in entries], "output": str(args.output) if args.output else None})
     return EXIT_PASS
