@@ -135,7 +135,7 @@ def contributions_bar(record: dict[str, Any]) -> dict[str, Any]:
     """Return the stacked bar of the four feature contributions (their sum is RTSI)."""
     contributions = record["screening"].get("contributions") or {}
     total = sum(float(contributions.get(f, 0.0)) for f in FEATURE_NAMES)
-    scale = PLOT_W / max(total, 1e-9) if total > 0 else 0.0
+    scale = PLOT_W / max(0.5, total)  # the same RTSI axis for every candidate, at least 0..0.5
     x, segments = 0.0, []
     for f in FEATURE_NAMES:
         value = float(contributions.get(f, 0.0))
