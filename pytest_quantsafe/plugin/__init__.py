@@ -246,3 +246,11 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     terminalreporter.section("quantsafe")
     for line in summary_lines(session):
         terminalreporter.write_line(line)
+    if session.options.out is not None:
+        from pytest_quantsafe.errors import QuantSafeError
+        from pytest_quantsafe.record.html import write_report
+
+        try:
+            terminalreporter.write_line(f"quantsafe report: {write_report(session.options.out)}")
+        except (QuantSafeError, OSError) as exc:  # the records are written; the page is a view of them
+            terminalreporter.write_line(f"quantsafe: report.html not written (the records are): {exc}")
