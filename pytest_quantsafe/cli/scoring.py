@@ -160,8 +160,9 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _card(args: argparse.Namespace) -> int:
     from pytest_quantsafe.record.render import render_card
+    from pytest_quantsafe.record.store import read_record
 
-    record = _read_json(args.record, "screening record")
+    record = read_record(args.record)  # a missing field, wrong type or NaN: InputError naming it (exit 2)
     _write_text(args.output, render_card(record, source=args.record))
     return EXIT_PASS
 
@@ -183,9 +184,10 @@ def _screen_manifest(args: argparse.Namespace) -> int:
 
 def _manifest(args: argparse.Namespace) -> int:
     from pytest_quantsafe.record.manifest import build_request, profile_from_json, profiles_from_record
+    from pytest_quantsafe.record.store import read_record
 
     if args.record:
-        baseline, candidate, probe = profiles_from_record(_read_json(args.record, "screening record"), args.record)
+        baseline, candidate, probe = profiles_from_record(read_record(args.record).to_json(), args.record)
         count, digest = args.probe_count or probe[0], args.probe_sha256 or probe[1]
     else:
         if not (args.baseline and args.candidate):

@@ -186,17 +186,23 @@ class QuantSafetySession:
 # --------------------------------------------------------------------------- the fixture object
 
 
+def record_band(result: ScreeningResult) -> Band | None:
+    """Return the band the record stores (the effective band, decided once by ``policy.effective_band``)."""
+    band: Band | None = result.record["screening"]["band"]
+    return band
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
 def failure_table(result: ScreeningResult, policy: Policy, broken: Sequence[str], title: str) -> str:
     """Return the compact failure message: band, RTSI with contributions, rates, broken rule, limits."""
-    from pytest_quantsafe.policy import effective_band, refusal_drop_pp
+    from pytest_quantsafe.policy import refusal_drop_pp
 
     s = result.screening
     b, c = s.baseline, s.candidate
-    band = effective_band(s, policy) or "none (insufficient data)"
+    band = record_band(result) or "none (insufficient data)"
     rtsi = f"{s.rtsi:.4f}" if s.rtsi is not None else "n/a"
     parts = " + ".join(f"{k} {v:.4f}" for k, v in s.contributions.items()) or "not scored"
     lines = [
@@ -254,9 +260,7 @@ class QuantSafety:
         return result
 
     def _band(self, result: ScreeningResult) -> Band | None:
-        from pytest_quantsafe.policy import effective_band
-
-        return effective_band(result.screening, self.policy)
+        return record_band(result)
 
     def _fail(self, result: ScreeningResult, broken: Sequence[str], what: str) -> None:
         __tracebackhide__ = True
@@ -307,12 +311,10 @@ class QuantSafety:
 
 def summary_lines(session: QuantSafetySession) -> list[str]:
     """Return the terminal summary: one row per screened candidate, then the limits sentence."""
-    from pytest_quantsafe.policy import effective_band
-
     rows = [("candidate", "policy", "band", "RTSI", "refusals base->cand", "verdict", "record")]
     for sid, policy, r in session.rows:
         s = r.screening
-        rows.append((sid, policy.name, effective_band(s, policy) or "-",
+        rows.append((sid, policy.name, record_band(r) or "-",
                      "-" if s.rtsi is None else f"{s.rtsi:.4f}",
                      f"{_pct(s.baseline.refusal_rate)}->{_pct(s.candidate.refusal_rate)}",
                      r.verdict.outcome, r.paths.get("record", "-")))
