@@ -90,7 +90,7 @@ def test_records_are_real_screenings(low_record: dict[str, Any], high_record: di
 def test_statement_layout(low_record: dict[str, Any], smollm2_gguf: Path) -> None:
     statement = attest.build_statement(low_record)
     assert statement["_type"] == "https://in-toto.io/Statement/v1"
-    assert statement["predicateType"] == attest.PREDICATE_TYPE == "https://quantsafe.dev/attestation/screening/v1"
+    assert statement["predicateType"] == attest.PREDICATE_TYPE == "https://quantsafe.dev/attestation/screening/v2"
     assert statement["subject"] == [{"name": "SmolLM2-135M-Instruct.Q4_1.gguf", "digest": {
         "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"}}]
     thresholds = statement["predicate"]["thresholds"]
