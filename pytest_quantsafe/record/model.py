@@ -1,8 +1,8 @@
 """The typed screening record (``quantsafe.record.v2``, docs/record-format.md).
 
-Frozen dataclasses mirror the record's JSON one block per class; a small
-type-directed codec turns JSON data into a ``Record`` (``Record.from_json``) and
-back (``Record.to_json``) without losing a key, so ``to_json(from_json(d)) == d``
+Frozen dataclasses mirror the record's JSON one block per class; the
+type-directed codec (``record/codec.py``) turns JSON data into a ``Record``
+(``Record.from_json``) and back (``Record.to_json``) without losing a key, so ``to_json(from_json(d)) == d``
 for every record quantsafe writes. Decoding trusts nothing: the data is first
 validated against the shipped JSON Schema (``schemas/record.schema.json``, see
 ``record/io.py``), and the codec checks every field's type again on the way in,
@@ -15,14 +15,13 @@ Adding a block (say ``screening.paired``) is one field on the owning dataclass
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
 from pytest_quantsafe.errors import InputError
+from pytest_quantsafe.record.codec import RECORD_FIX as _FIX
+from pytest_quantsafe.record.codec import decode, encode
 from pytest_quantsafe.types import (
     RECORD_SCHEMA,
     Band,
@@ -37,9 +36,7 @@ from pytest_quantsafe.types import (
 
 __all__ = ["ArtifactInfo", "BandCutoffs", "CalibrationBlock", "CellIdentity", "EngineInfo", "FileInfo",
            "Generation", "PolicyBlock", "ProbeSetInfo", "Profile", "Record", "RuleInfo", "ScreeningBlock",
-           "ScreeningCalibration", "Side", "Tool", "VerdictBlock", "decode", "encode"]
-
-_FIX = "regenerate the record with `quantsafe screen` (or the pytest plugin); never edit records by hand"
+           "ScreeningCalibration", "Side", "Tool", "VerdictBlock"]
 
 
 @dataclass(frozen=True)
@@ -283,105 +280,3 @@ class Record:
 
 def _profile_value(profile: Profile) -> RefusalProfile:
     return RefusalProfile(**{f.name: getattr(profile, f.name) for f in dataclasses.fields(Profile)})
-
-
-# --------------------------------------------------------------------------- codec
-
-
-def _json_fields(cls: type) -> list[dataclasses.Field[Any]]:
-    return [f for f in dataclasses.fields(cls) if f.metadata.get("json", True)]
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def decode(tp: Any, value: Any, source: str, path: str) -> Any:
-    """Return ``value`` converted to type ``tp``; raise InputError naming ``source`` and JSON ``path``."""
-    def bad(message: str) -> InputError:
-        return InputError(message, where=f"{source}: {path}", fix=_FIX)
-
-    origin = get_origin(tp)
-    if tp is Any:
-        _finite_everywhere(value, source, path)
-        return value
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if not isinstance(value, Mapping):
-            raise bad(f"expected an object, got {type(value).__name__}")
-        hints = typing.get_type_hints(tp)
-        known = {f.name for f in _json_fields(tp)}
-        extra = sorted(set(map(str, value)) - known)
-        if extra:
-            raise bad(f"unknown field {extra[0]!r}")
-        kwargs: dict[str, Any] = {}
-        for f in _json_fields(tp):
-            if f.name in value:
-                kwargs[f.name] = decode(hints[f.name], value[f.name], source, f"{path}.{f.name}")
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise InputError(f"missing field {f.name!r}", where=f"{source}: {path}.{f.name}", fix=_FIX)
-        return tp(**kwargs)
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) != 1:  # pragma: no cover - the record uses only X | None unions
-            raise TypeError(f"unsupported union {tp}")
-        if value is None:
-            raise bad(f"expected {_type_name(inner[0])}, got null")
-        return decode(inner[0], value, source, path)
-    if origin is Literal:
-        if value not in get_args(tp):
-            raise bad(f"{value!r} is not one of {', '.join(map(repr, get_args(tp)))}")
-        return value
-    if origin is tuple:
-        args = get_args(tp)
-        if not isinstance(value, list):
-            raise bad(f"expected a list, got {type(value).__name__}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(decode(args[0], v, source, f"{path}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise bad(f"expected {len(args)} items, got {len(value)}")
-        return tuple(decode(a, v, source, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if origin in (Mapping, dict):
-        _, value_type = get_args(tp)
-        if not isinstance(value, Mapping):
-            raise bad(f"expected an object, got {type(value).__name__}")
-        return {str(k): decode(value_type, v, source, f"{path}.{k}") for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad(f"expected a number, got {type(value).__name__}")
-        if not math.isfinite(value):
-            raise bad(f"{value!r} is not a finite number")
-        return value  # an int stays an int: to_json must give back the same JSON
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad(f"expected an integer, got {type(value).__name__}")
-        return value
-    if tp in (str, bool):
-        if not isinstance(value, tp):
-            raise bad(f"expected {'a string' if tp is str else 'true or false'}, got {type(value).__name__}")
-        return value
-    raise TypeError(f"the record codec cannot decode {tp}")  # pragma: no cover - a new field type
-
-
-def _finite_everywhere(value: Any, source: str, path: str) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise InputError(f"{value!r} is not a finite number", where=f"{source}: {path}", fix=_FIX)
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            _finite_everywhere(v, source, f"{path}.{k}")
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _finite_everywhere(v, source, f"{path}[{i}]")
-
-
-def encode(value: Any) -> Any:
-    """Return a record value (dataclass, tuple, mapping, scalar) as plain JSON data."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: encode(getattr(value, f.name)) for f in _json_fields(type(value))}
-    if isinstance(value, Mapping):
-        return {str(k): encode(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [encode(v) for v in value]
-    return value

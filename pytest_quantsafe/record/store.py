@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from pytest_quantsafe.errors import InputError
+from pytest_quantsafe.record.codec import RECORD_FIX
 from pytest_quantsafe.record.model import Record
 from pytest_quantsafe.types import RECORD_SCHEMA
 
 __all__ = ["json_path", "parse_record", "read_record", "record_json", "record_schema", "validate_record_json",
            "write_record"]
 
-_FIX = "regenerate the record with `quantsafe screen` (or the pytest plugin); never edit records by hand"
+_FIX = RECORD_FIX
 
 
 @functools.lru_cache(maxsize=1)
