@@ -25,18 +25,9 @@ from pytest_quantsafe.errors import (
     EXIT_PASS,
     PolicyError,
 )
-from pytest_quantsafe.types import (
-    BANDS,
-    Band,
-    Bands,
-    GenerationConfig,
-    Policy,
-    RuleResult,
-    Screening,
-    Verdict,
-    canonical_json,
-    sha256_hex,
-)
+from pytest_quantsafe.results import Bands, Policy, RuleResult, Screening, Verdict
+from pytest_quantsafe.score.calibration import load_calibration, yaml_syntax_error
+from pytest_quantsafe.types import BANDS, Band, GenerationConfig, canonical_json, sha256_hex
 
 #: Flags that fail every enforcing policy, listed or not: implausible input is never a pass.
 ALWAYS_FAIL_FLAGS: tuple[str, ...] = ("implausible:*",)
@@ -100,8 +91,6 @@ def _parse(text: str, source: str) -> tuple[Any, dict[str, int]]:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        from pytest_quantsafe.score.calibration import yaml_syntax_error
-
         raise yaml_syntax_error(exc, source, "policy") from None
     return data, _key_lines(root, source)
 
@@ -173,8 +162,6 @@ def _resolve_probes(ref: str | None, base_dir: Path) -> str | None:
 
 def policy_from_text(text: str, source: str = "<policy>", base_dir: Path | None = None) -> Policy:
     """Return a validated Policy from YAML text (``source`` names it in errors)."""
-    from pytest_quantsafe.score.calibration import load_calibration
-
     data, lines = _parse(text, source)
     _validate(data, source, lines)
     cal_ref = _resolve_calibration(str(data.get("calibration", "default")), base_dir or Path("."))

@@ -21,7 +21,8 @@ from pytest_quantsafe.errors import OUTCOME_EXIT, VerificationFailed
 from pytest_quantsafe.policy import decide, effective_band
 from pytest_quantsafe.record.model import BandCutoffs, Record
 from pytest_quantsafe.record.store import parse_record
-from pytest_quantsafe.types import LIMITS_SENTENCE, Bands
+from pytest_quantsafe.results import Bands
+from pytest_quantsafe.types import LIMITS_SENTENCE
 
 __all__ = ["check_record", "fail_verification", "typed_record"]
 

@@ -22,17 +22,8 @@ from typing import Any, Literal
 from pytest_quantsafe.errors import InputError
 from pytest_quantsafe.record.codec import RECORD_FIX as _FIX
 from pytest_quantsafe.record.codec import decode, encode
-from pytest_quantsafe.types import (
-    RECORD_SCHEMA,
-    Band,
-    Bands,
-    Calibration,
-    GenerationConfig,
-    Outcome,
-    Policy,
-    RefusalProfile,
-    Screening,
-)
+from pytest_quantsafe.results import Bands, Calibration, Policy, Screening
+from pytest_quantsafe.types import RECORD_SCHEMA, Band, GenerationConfig, Outcome, RefusalProfile
 
 __all__ = ["ArtifactInfo", "BandCutoffs", "CalibrationBlock", "CellIdentity", "EngineInfo", "FileInfo",
            "Generation", "PolicyBlock", "ProbeSetInfo", "Profile", "Record", "RuleInfo", "ScreeningBlock",

@@ -14,12 +14,12 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from pytest_quantsafe._util import write_atomic
 from pytest_quantsafe.errors import InputError
 from pytest_quantsafe.record.codec import RECORD_FIX
 from pytest_quantsafe.record.model import Record
@@ -142,13 +142,9 @@ def write_record(record: Record | Mapping[str, Any], path: str | Path) -> Path:
     data = record.to_json() if isinstance(record, Record) else record
     parse_record(data, str(path))  # never write a record a reader would refuse
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(record_json(data), encoding="utf-8")
-        tmp.replace(target)
+        write_atomic(target, record_json(data))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise InputError(f"cannot write the screening record: {exc.strerror or exc}", where=str(target),
                          fix="choose a writable output folder") from None
     return target
