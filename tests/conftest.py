@@ -7,6 +7,15 @@ from pathlib import Path
 
 import pytest
 
+try:
+    # pytester's in-process runs put sys.modules back as they found it, so a module first
+    # imported inside one is imported again later; cryptography's compiled core keeps the
+    # classes of its first import ("curve must be an EllipticCurve instance" after a
+    # re-import). Importing it here, before any pytester run, keeps one copy.
+    import cryptography.hazmat.primitives.asymmetric.ec  # noqa: F401
+except ImportError:  # the signing extra is absent: the signing tests skip or fail on their own
+    pass
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("QUANTSAFE_SHARED") or REPO.parent / "shared")
 
