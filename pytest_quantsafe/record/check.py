@@ -143,9 +143,19 @@ def check_record(record: Any, where: str = "predicate", *, signed_thresholds: bo
             if drop > _num(limit, f"{where}.policy.max_refusal_drop_pp") + 1e-9:
                 raise fail_verification(f"verdict pass but the refusal rate fell {drop:.1f} pp (max {limit} pp)",
                             f"{where}.verdict.outcome")
-    elif outcome == "insufficient" and status == "scored" and isinstance(base_refusals, int) and not thin:
+    elif outcome == "insufficient" and status == "scored" and isinstance(base_refusals, int) and not thin \
+            and not _evidence_rule_failed(verdict):
         raise fail_verification("verdict insufficient although the screening was scored on enough refusals",
                     f"{where}.verdict.outcome")
+
+
+def _evidence_rule_failed(verdict: Mapping[str, Any]) -> bool:
+    """Return True when the verdict records a failed rule that makes it insufficient (e.g. require_power_pp)."""
+    from pytest_quantsafe.policy import EVIDENCE_RULES
+
+    rules = verdict.get("rules") or []
+    return any(isinstance(r, Mapping) and r.get("rule") in EVIDENCE_RULES[1:] and r.get("passed") is False
+               for r in rules)
 
 
 def _profile_rate(record: Mapping[str, Any], side: str, where: str) -> float | None:
