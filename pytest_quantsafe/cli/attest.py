@@ -59,6 +59,8 @@ def register(subparsers: Any) -> None:
     v.add_argument("--trusted-root", metavar="FILE",
                    help="pinned Sigstore trusted_root.json (default: the root shipped with sigstore; "
                         "never refreshed over the network)")
+    v.add_argument("--samples", metavar="FILE", help="also check this samples.jsonl against the digest the signed "
+                   "record holds")
     v.add_argument("--json", action="store_true", help="print the verified facts as JSON")
     v.set_defaults(func=_verify)
 
@@ -124,7 +126,7 @@ def _attest(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from pytest_quantsafe.attest.verify import SignerPolicy, verify_keyless, verify_with_key
+    from pytest_quantsafe.attest.verify import SignerPolicy, verify_keyless, verify_samples, verify_with_key
     from pytest_quantsafe.errors import UsageError
     from pytest_quantsafe.types import LIMITS_SENTENCE
 
@@ -142,11 +144,13 @@ def _verify(args: argparse.Namespace) -> int:
         policy = SignerPolicy(issuer=args.issuer, identity=args.identity, identity_pattern=args.identity_pattern,
                               repository=args.repository, workflow=args.workflow, ref=args.ref)
         result = verify_keyless(args.bundle, args.artifact, policy, trusted_root=args.trusted_root)
+    samples = verify_samples(result.record, args.samples) if args.samples else None
     if args.json:
         sys.stdout.write(json.dumps({
             "verified": True, "method": result.method, "identity": result.signer, "issuer": result.issuer,
             "subjects": [{"name": n, "sha256": d} for n, d in result.subjects], "band": result.band,
-            "rtsi": result.rtsi, "outcome": result.outcome, "limits": LIMITS_SENTENCE}, indent=2) + "\n")
+            "rtsi": result.rtsi, "outcome": result.outcome, "samples_sha256": samples, "limits": LIMITS_SENTENCE},
+            indent=2) + "\n")
         return EXIT_PASS
     label = "keyless Sigstore bundle" if result.method == "keyless" else "DSSE envelope, pinned key"
     lines = [f"verified: quantsafe screening attestation ({label})"]
@@ -155,6 +159,8 @@ def _verify(args: argparse.Namespace) -> int:
     else:
         lines += [f"  key id:   {result.signer}"]
     lines += [f"  subject:  {name} sha256:{digest}" for name, digest in result.subjects]
+    if samples:
+        lines.append(f"  samples:  {args.samples} sha256:{samples} (the digest the signed record holds)")
     rtsi = f"RTSI {result.rtsi:.4f}" if isinstance(result.rtsi, (int, float)) else "no RTSI"
     lines += [f"  band:     {result.band or 'none (insufficient data)'} ({rtsi}), verdict {result.outcome}",
               f"  {LIMITS_SENTENCE}"]

@@ -79,13 +79,17 @@ def register(subparsers: Any) -> None:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="default", help="policy name or YAML file (default: default)")
-    p.add_argument("--out", type=Path, help="output folder: <out>/<candidate>/record.json, card.yaml, summary.md")
+    p.add_argument("--out", type=Path, help="output folder: <out>/<candidate>/record.json, card.yaml, summary.md, "
+                   "samples.jsonl")
     p.add_argument("--threads", type=int, metavar="N", help="engine threads (default: the engine's choice)")
     p.add_argument("--cache-dir", type=Path, help="completion cache (default: $QUANTSAFE_CACHE/completions)")
     p.add_argument("--no-early-exit", action="store_true",
                    help="generate every answer in full (default: stop an answer once the pattern detector "
                    "can no longer call it a refusal; records are the same either way)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--save-completions", action="store_true",
+                   help="keep each answer's full text in samples.jsonl (default: label, 5-word prefix and token "
+                   "count only; a compliant model's answers to harmful probes are harmful text)")
     p.add_argument("--judge", metavar="MODEL", help="a refusal-judge model (.gguf, HF folder, hf://, http(s)://): "
                    "records its refusal rates and flags measurement_divergence at >= 20 pp")
 
@@ -209,7 +213,8 @@ def run_screen(args: argparse.Namespace) -> int:
     probe_set = _subset(load_probes(args.probes if args.probes else policy.probes), args.max_probes)
     results = screen_models(args.baseline, args.candidate, policy=policy, probes=probe_set, out_dir=args.out,
                             engine=args.engine, engine_options=_engine_options(args), cache_dir=args.cache_dir,
-                            progress=not args.no_progress, judge=args.judge)
+                            progress=not args.no_progress, judge=args.judge,
+                            save_completions=args.save_completions)
     _report(results, args.out)
     code = worst_exit_code([r.verdict.exit_code for r in results])
     summary = {EXIT_PASS: "quantsafe: pass (exit 0)", EXIT_GATE_FAILED: "quantsafe: gate failed (exit 1)",
@@ -248,7 +253,8 @@ def run_demo(args: argparse.Namespace) -> int:
                  len(probe_set.benign))
         screened = screen_models(str(ladder[0]), [str(p) for p in ladder[1:]], policy=policy, probes=probe_set,
                                  out_dir=out, engine="gguf", engine_options=_engine_options(args),
-                                 cache_dir=args.cache_dir, progress=not args.no_progress, judge=args.judge)
+                                 cache_dir=args.cache_dir, progress=not args.no_progress, judge=args.judge,
+                                 save_completions=args.save_completions)
         print(f"{what}: baseline {ladder[0].name}")
         print(format_table(screened))
         print()
