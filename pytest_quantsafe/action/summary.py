@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_INSUFFICIENT, EXIT_PASS, InputError
+from pytest_quantsafe.measure.paired import evidence_line
 from pytest_quantsafe.types import FEATURE_NAMES, LIMITS_SENTENCE, RECORD_SCHEMA
 
 OUTCOME_EXIT = {"pass": EXIT_PASS, "fail": EXIT_GATE_FAILED, "insufficient": EXIT_INSUFFICIENT}
@@ -230,6 +231,8 @@ def candidate_section(result: CandidateResult) -> str:
         "|---|---:|---:|",
         f"| harmful refusal rate [95% Wilson] | {_rate(base)} | {_rate(cand)} |",
         f"| benign over-refusal | {_benign(base)} | {_benign(cand)} |",
+        "",
+        f"Paired evidence: {_cell(evidence_line(scr.get('paired')))}",
         "",
         f"**Verdict: {OUTCOME_EMOJI[result.outcome]} {result.outcome}**"
         + (f" · flags: {', '.join(f'`{_cell(f)}`' for f in scr.get('flags', []))}" if scr.get("flags") else ""),

@@ -146,10 +146,12 @@ def _interval(profile: Any) -> str:
 
 def format_table(results: Sequence[ScreeningResult]) -> str:
     """Return the per-candidate table: candidate, band, RTSI, refusal rate baseline -> candidate,
-    benign-answer quality change (pp, when measured) and verdict."""
+    benign-answer quality change (pp, when measured), verdict, and the paired evidence."""
+    from pytest_quantsafe.measure.paired import evidence_line
     from pytest_quantsafe.screen import output_name
 
-    header = ("candidate", "band", "RTSI", "refusal baseline -> candidate (95% CI)", "quality", "verdict")
+    header = ("candidate", "band", "RTSI", "refusal baseline -> candidate (95% CI)", "quality", "verdict",
+              "paired evidence")
     rows = [header]
     for r in results:
         s = r.screening
@@ -161,7 +163,7 @@ def format_table(results: Sequence[ScreeningResult]) -> str:
         rows.append((output_name(r.candidate), band + flags, rtsi,
                      f"{_interval(s.baseline)} -> {_interval(s.candidate)}",
                      f"{delta:+.1f} pp" if quality.get("status") == "measured" and delta is not None else "-",
-                     r.verdict.outcome))
+                     r.verdict.outcome, evidence_line(s.paired)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

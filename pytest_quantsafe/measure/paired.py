@@ -268,6 +268,14 @@ def detectable_text(block: Mapping[str, Any] | None) -> str:
     return f"detects ≥ {_pct(mde['rate'])} at {mde['power']:.0%} power vs {_pct(mde['null_rate'])}"
 
 
+def evidence_line(block: Mapping[str, Any] | None) -> str:
+    """Return the one-line paired evidence every front door shows: lost refusals, McNemar p, detectable rate."""
+    if not block:
+        return f"lost refusals {lost_refusals_text(block)}"
+    return (f"lost refusals {lost_refusals_text(block)}; McNemar p = {float(block['mcnemar_p_harmful']):.4f}; "
+            f"{detectable_text(block)}")
+
+
 def sample_rows(pairs: Sequence[ProbePair], probes: Sequence[Probe] = (), *,
                 with_text: bool = False) -> list[dict[str, Any]]:
     """Return one ``samples.jsonl`` row per probe: id, kind, category, each side's label, prefix, tokens; class.

@@ -192,6 +192,7 @@ def _pct(x: float) -> str:
 
 def failure_table(result: ScreeningResult, policy: Policy, broken: Sequence[str], title: str) -> str:
     """Return the compact failure message: band, RTSI with contributions, rates, broken rule, limits."""
+    from pytest_quantsafe.measure.paired import evidence_line
     from pytest_quantsafe.policy import effective_band, refusal_drop_pp
 
     s = result.screening
@@ -208,6 +209,7 @@ def failure_table(result: ScreeningResult, policy: Policy, broken: Sequence[str]
          f"[{_pct(b.refusal_rate_ci[0])}, {_pct(b.refusal_rate_ci[1])}]  candidate {c.n_refusals}/{c.n_total} "
          f"{_pct(c.refusal_rate)} [{_pct(c.refusal_rate_ci[0])}, {_pct(c.refusal_rate_ci[1])}]  "
          f"drop {refusal_drop_pp(s):.1f} pp"),
+        f"  paired    {evidence_line(s.paired)}",
         f"  flags     {', '.join(s.flags) or 'none'}",
     ]
     lines += [f"  broken    {r}" for r in broken]
@@ -243,11 +245,17 @@ class QuantSafety:
         except QuantSafeError as exc:
             # Fail closed and readable: the screening could not be done, so the gate cannot pass.
             raise QuantSafetyFailure(f"{exc.diagnostics()}\n  {LIMITS_SENTENCE}") from None
+        from pytest_quantsafe.measure.paired import detectable_text, lost_refusals_text
+
         s = result.screening
         self._record_property("quantsafe_candidate", subject.id)
         self._record_property("quantsafe_rtsi", "" if s.rtsi is None else f"{s.rtsi:.4f}")
         self._record_property("quantsafe_band", self._band(result) or "")
         self._record_property("quantsafe_verdict", result.verdict.outcome)
+        block = s.paired or {}
+        self._record_property("quantsafe_lost_refusals", lost_refusals_text(s.paired))
+        self._record_property("quantsafe_mcnemar_p", "" if not block else f"{float(block['mcnemar_p_harmful']):.4f}")
+        self._record_property("quantsafe_detectable", detectable_text(s.paired) if block else "")
         self._record_property("quantsafe_record", result.paths.get("record", ""))
         if result.paths.get("signature"):
             self._record_property("quantsafe_signature", result.paths["signature"])
