@@ -15,7 +15,8 @@ import pytest
 from pytest_quantsafe.measure import evidence, paired
 from pytest_quantsafe.measure.features import build_profile
 from pytest_quantsafe.measure.refusal import label
-from pytest_quantsafe.types import Artifact, ArtifactFile, Completion, ScreeningResult
+from pytest_quantsafe.results import ScreeningResult
+from pytest_quantsafe.types import Artifact, ArtifactFile, Completion
 
 REPO = Path(__file__).resolve().parent.parent
 SORRY = "I'm sorry, but I can't assist with that."

@@ -12,8 +12,9 @@ from pytest_quantsafe.measure import evidence, paired
 from pytest_quantsafe.measure.features import build_profile
 from pytest_quantsafe.measure.refusal import label
 from pytest_quantsafe.policy import decide, diff_policies, load_policy
+from pytest_quantsafe.results import Policy, Screening
 from pytest_quantsafe.score import rtsi
-from pytest_quantsafe.types import Completion, Policy, Screening
+from pytest_quantsafe.types import Completion
 
 SORRY = "I'm sorry, but I can't assist with that."
 SURE = "Sure, here is how you do it: step one, then step two."

@@ -14,7 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pytest_quantsafe.errors import EXIT_PASS, InputError, VerificationFailed
+from pytest_quantsafe.attest import sign as attest
+from pytest_quantsafe.attest.sign import generate_key
+from pytest_quantsafe.attest.verify import SignerPolicy, verify_keyless, verify_samples, verify_with_key
+from pytest_quantsafe.errors import EXIT_PASS, InputError, UsageError, VerificationFailed
+from pytest_quantsafe.record.check import check_record
+from pytest_quantsafe.types import LIMITS_SENTENCE
 
 
 def register(subparsers: Any) -> None:
@@ -86,10 +91,6 @@ def _read_record(path: str) -> Any:
 
 
 def _attest(args: argparse.Namespace) -> int:
-    from pytest_quantsafe.attest import sign as attest
-    from pytest_quantsafe.record.check import check_record
-    from pytest_quantsafe.types import LIMITS_SENTENCE
-
     record = _read_record(args.record)
     try:
         check_record(record, where=args.record)
@@ -126,10 +127,6 @@ def _attest(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from pytest_quantsafe.attest.verify import SignerPolicy, verify_keyless, verify_samples, verify_with_key
-    from pytest_quantsafe.errors import UsageError
-    from pytest_quantsafe.types import LIMITS_SENTENCE
-
     keyless_flags = [args.issuer, args.identity, args.identity_pattern, args.repository, args.workflow, args.ref,
                      args.trusted_root]
     if args.key:
@@ -169,8 +166,6 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from pytest_quantsafe.attest.sign import generate_key
-
     info = generate_key(args.out, algorithm=args.algorithm, overwrite=args.force)
     sys.stdout.write(f"private key: {info['private_key']} (keep secret; mode 0600)\n"
                      f"public key:  {info['public_key']} (pin it: quantsafe verify BUNDLE --artifact FILE "

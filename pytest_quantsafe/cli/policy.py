@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from pytest_quantsafe.errors import EXIT_PASS
+from pytest_quantsafe.policy import diff_policies, load_policy
 from pytest_quantsafe.types import LIMITS_SENTENCE
 
 
@@ -37,8 +38,6 @@ def _fmt(value: Any) -> str:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from pytest_quantsafe.policy import load_policy
-
     policy = load_policy(args.policy)
     data = policy.to_dict()
     out = [f"policy {policy.name}: valid ({policy.source})", f"  policy digest  {policy.digest}",
@@ -56,8 +55,6 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    from pytest_quantsafe.policy import diff_policies, load_policy
-
     old, new = load_policy(args.old), load_policy(args.new)
     changes = diff_policies(old, new)
     out = [f"policy diff {old.source} -> {new.source}"]

@@ -20,8 +20,15 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_INSUFFICIENT, EXIT_PASS, EXIT_USAGE
-from pytest_quantsafe.types import LIMITS_SENTENCE, ProbeSet, ScreeningResult
+from pytest_quantsafe import zoo
+from pytest_quantsafe._util import text_table
+from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_INSUFFICIENT, EXIT_PASS, EXIT_USAGE, UsageError
+from pytest_quantsafe.measure.paired import evidence_line
+from pytest_quantsafe.policy import load_policy
+from pytest_quantsafe.probes import load_probes, select
+from pytest_quantsafe.results import ScreeningResult
+from pytest_quantsafe.screen import output_name, screen_models
+from pytest_quantsafe.types import LIMITS_SENTENCE, ProbeSet, RefusalProfile
 
 #: Worst-first order of exit codes when several candidates are screened.
 EXIT_SEVERITY: tuple[int, ...] = (EXIT_USAGE, EXIT_INSUFFICIENT, EXIT_GATE_FAILED, EXIT_PASS)
@@ -110,9 +117,6 @@ def _setup(args: argparse.Namespace) -> None:
 
 
 def _subset(probe_set: ProbeSet, max_probes: int | None) -> ProbeSet:
-    from pytest_quantsafe.errors import UsageError
-    from pytest_quantsafe.probes import select
-
     if max_probes is None:
         return probe_set
     if max_probes < 1:
@@ -130,8 +134,6 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
         options["threads"] = args.threads
     template = getattr(args, "chat_template", None)
     if template is not None:
-        from pytest_quantsafe.errors import UsageError
-
         if not template.is_file():
             raise UsageError("chat template file not found", where=str(template),
                              fix="pass a Jinja chat template file to --chat-template")
@@ -139,7 +141,7 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _interval(profile: Any) -> str:
+def _interval(profile: RefusalProfile) -> str:
     lo, hi = profile.refusal_rate_ci
     return f"{profile.refusal_rate:.0%} [{lo:.0%}-{hi:.0%}]"
 
@@ -147,9 +149,6 @@ def _interval(profile: Any) -> str:
 def format_table(results: Sequence[ScreeningResult]) -> str:
     """Return the per-candidate table: candidate, band, RTSI, refusal rate baseline -> candidate,
     benign-answer quality change (pp, when measured), verdict, and the paired evidence."""
-    from pytest_quantsafe.measure.paired import evidence_line
-    from pytest_quantsafe.screen import output_name
-
     header = ("candidate", "band", "RTSI", "refusal baseline -> candidate (95% CI)", "quality", "verdict",
               "paired evidence")
     rows = [header]
@@ -164,10 +163,7 @@ def format_table(results: Sequence[ScreeningResult]) -> str:
                      f"{_interval(s.baseline)} -> {_interval(s.candidate)}",
                      f"{delta:+.1f} pp" if quality.get("status") == "measured" and delta is not None else "-",
                      r.verdict.outcome, evidence_line(s.paired)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(text_table(rows, rule_under_header=True))
 
 
 def _report(results: Sequence[ScreeningResult], out: Path | None) -> None:
@@ -177,8 +173,6 @@ def _report(results: Sequence[ScreeningResult], out: Path | None) -> None:
 
 def _footer(results: Sequence[ScreeningResult], out: Path | None) -> None:
     """Print where each candidate's records went, then the limits sentence."""
-    from pytest_quantsafe.screen import output_name
-
     if out is not None:
         for r in results:
             if r.paths:
@@ -187,8 +181,6 @@ def _footer(results: Sequence[ScreeningResult], out: Path | None) -> None:
 
 
 def _verdict_lines(results: Sequence[ScreeningResult]) -> list[str]:
-    from pytest_quantsafe.screen import output_name
-
     names = {EXIT_PASS: "pass", EXIT_GATE_FAILED: "gate failed", EXIT_INSUFFICIENT: "insufficient data"}
     lines = []
     for r in results:
@@ -206,10 +198,6 @@ def _verdict_lines(results: Sequence[ScreeningResult]) -> list[str]:
 
 def run_screen(args: argparse.Namespace) -> int:
     """Screen the candidates; print the table; return the worst exit code over them."""
-    from pytest_quantsafe.policy import load_policy
-    from pytest_quantsafe.probes import load_probes
-    from pytest_quantsafe.screen import screen_models
-
     _setup(args)
     policy = load_policy(args.policy)
     probe_set = _subset(load_probes(args.probes if args.probes else policy.probes), args.max_probes)
@@ -227,11 +215,6 @@ def run_screen(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Build or reuse the demo ladders, screen each, print a table per ladder; return 0 when it ran."""
-    from pytest_quantsafe import zoo
-    from pytest_quantsafe.policy import load_policy
-    from pytest_quantsafe.probes import load_probes, select
-    from pytest_quantsafe.screen import screen_models
-
     _setup(args)
     log = logging.getLogger("quantsafe.demo")
     policy = load_policy(args.policy)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from pytest_quantsafe.engines.llamacpp.gguf_metadata import read_gguf
 from pytest_quantsafe.errors import BaselineError, CategoryMismatchError
 from pytest_quantsafe.types import Artifact
 
@@ -82,8 +83,6 @@ def check_distinct(baseline: Artifact, candidate: Artifact) -> None:
 def _gguf_tensor_types(artifact: Artifact) -> dict[str, int]:
     raw = artifact.metadata.get("tensor_types", "")
     if not raw and artifact.format == "hf" and artifact.files:
-        from pytest_quantsafe.engines.llamacpp.gguf_metadata import read_gguf
-
         raw = read_gguf(Path(artifact.files[0].path)).tensor_types
     counts: dict[str, int] = {}
     for item in str(raw).split(","):

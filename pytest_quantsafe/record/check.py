@@ -16,7 +16,9 @@ from typing import Any
 
 from pytest_quantsafe.attest.sign import thresholds
 from pytest_quantsafe.errors import VerificationFailed
-from pytest_quantsafe.types import BANDS, LIMITS_SENTENCE, RECORD_SCHEMA, Bands
+from pytest_quantsafe.measure.paired import EVIDENCE_RULES
+from pytest_quantsafe.results import Bands
+from pytest_quantsafe.types import BANDS, LIMITS_SENTENCE, RECORD_SCHEMA
 
 __all__ = ["check_record"]
 
@@ -151,7 +153,7 @@ def check_record(record: Any, where: str = "predicate", *, signed_thresholds: bo
 
 def _evidence_rule_failed(verdict: Mapping[str, Any]) -> bool:
     """Return True when the verdict records a failed rule that makes it insufficient (e.g. require_power_pp)."""
-    from pytest_quantsafe.policy import EVIDENCE_RULES
+
 
     rules = verdict.get("rules") or []
     return any(isinstance(r, Mapping) and r.get("rule") in EVIDENCE_RULES[1:] and r.get("passed") is False

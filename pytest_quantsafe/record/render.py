@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pytest_quantsafe.errors import InputError
+from pytest_quantsafe.measure.paired import detectable_text, evidence_line, lost_refusals_text
 from pytest_quantsafe.types import FEATURE_NAMES, LIMITS_SENTENCE
 
 #: Card key of each feature delta, in the paper's A.9 words.
@@ -96,7 +97,6 @@ def card_data(record: Mapping[str, Any], source: str = "<record>") -> dict[str, 
 
 
 def _paired_card(block: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    from pytest_quantsafe.measure.paired import detectable_text, lost_refusals_text
 
     if not block:
         return None
@@ -191,7 +191,6 @@ def render_summary(record: Mapping[str, Any], source: str = "<record>") -> str:
                      f"| [{_pct(lo)}, {_pct(hi)}] | {_pct(prof.get('benign_refusal_rate'))} |")
     delta_rate = screening.get("refusal_rate_delta")
     lines += ["", f"Refusal-rate change: {'n/a' if delta_rate is None else f'{100 * float(delta_rate):+.1f} pp'}"]
-    from pytest_quantsafe.measure.paired import evidence_line
 
     lines += ["", f"Paired evidence: {evidence_line(screening.get('paired'))}"]
     samples = record.get("samples")
