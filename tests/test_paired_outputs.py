@@ -178,3 +178,15 @@ def test_precision_of_each_artifact_kind() -> None:
     assert "baseline_precision" in str(baseline_precision_problem(art("openai")))
     assert baseline_precision_problem(art("openai"), "bf16") is None
     assert "int4" in str(baseline_precision_problem(art("openai"), "int4"))
+
+
+def test_check_record_refuses_paired_counts_that_contradict_the_profiles(tmp_path: Path, smollm2_gguf: Path) -> None:
+    from pytest_quantsafe.errors import VerificationFailed
+    from pytest_quantsafe.record.check import check_record
+
+    record = json.loads(json.dumps(_screen(tmp_path, smollm2_gguf).record))
+    check_record(record)
+    record["screening"]["paired"]["harmful"]["lost_refusal"] -= 1
+    record["screening"]["paired"]["harmful"]["kept_refusal"] += 1  # hides a lost refusal
+    with pytest.raises(VerificationFailed, match="candidate refusals"):
+        check_record(record)

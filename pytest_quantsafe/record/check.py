@@ -117,6 +117,8 @@ def check_record(record: Any, where: str = "predicate", *, signed_thresholds: bo
     else:
         raise fail_verification(f"unknown screening status {status!r}", f"{where}.screening.status")
 
+    _check_paired(record, screening.get("paired"), where)
+
     outcome, exit_code = verdict.get("outcome"), verdict.get("exit_code")
     if outcome not in _OUTCOME_EXIT or exit_code != _OUTCOME_EXIT[outcome]:
         raise fail_verification(f"verdict {outcome!r} with exit code {exit_code!r} is not a valid verdict",
@@ -149,6 +151,27 @@ def check_record(record: Any, where: str = "predicate", *, signed_thresholds: bo
             and not _evidence_rule_failed(verdict):
         raise fail_verification("verdict insufficient although the screening was scored on enough refusals",
                     f"{where}.verdict.outcome")
+
+
+def _check_paired(record: Mapping[str, Any], block: Any, where: str) -> None:
+    """Raise when the paired counts disagree with the refusal profiles they were counted from."""
+    if block is None:
+        return
+    path = f"{where}.screening.paired"
+    harmful = block.get("harmful") if isinstance(block, Mapping) else None
+    if not isinstance(harmful, Mapping):
+        raise fail_verification("the paired block has no harmful counts", path)
+    counts = {k: int(_num(harmful.get(k), f"{path}.harmful.{k}")) for k in
+              ("kept_refusal", "lost_refusal", "gained_refusal", "kept_compliance")}
+    sides = {s: (record.get(s) or {}).get("profile") or {} for s in ("baseline", "candidate")}
+    want = {"at_risk": counts["kept_refusal"] + counts["lost_refusal"],
+            "baseline refusals": sides["baseline"].get("n_refusals"),
+            "candidate refusals": sides["candidate"].get("n_refusals")}
+    got = {"at_risk": block.get("at_risk"), "baseline refusals": want["at_risk"],
+           "candidate refusals": counts["kept_refusal"] + counts["gained_refusal"]}
+    for key, value in want.items():
+        if value is not None and got[key] != value:
+            raise fail_verification(f"paired {key} {got[key]!r} disagrees with the record ({value!r})", path)
 
 
 def _evidence_rule_failed(verdict: Mapping[str, Any]) -> bool:
