@@ -76,6 +76,12 @@ class CategoryMismatchError(InputError):
     code = "category_mismatch"
 
 
+class BaselineError(InputError):
+    """The baseline cannot serve as one: quantized, or the candidate itself."""
+
+    code = "bad_baseline"
+
+
 class EngineError(QuantSafeError):
     """An inference engine failed at run time (crash, timeout, bad answer)."""
 

@@ -111,6 +111,8 @@ class Screening:
     quality: Mapping[str, Any] | None = None
     regime: str | None = None
     judge: Mapping[str, Any] | None = None
+    #: Per-probe paired evidence (measure/paired.py): flip classes, McNemar p, lost-refusal rate, detectable rate.
+    paired: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the screening as plain JSON data."""
@@ -133,6 +135,7 @@ class Screening:
             "quality": dict(self.quality) if self.quality is not None else None,
             "regime": self.regime,
             "judge": dict(self.judge) if self.judge is not None else None,
+            "paired": dict(self.paired) if self.paired is not None else None,
         }
 
 
@@ -159,6 +162,14 @@ class Policy:
     #: Minimum share of bootstrap resamples that must agree with the band, if set.
     min_band_stability: float | None = None
     fail_on_flags: tuple[str, ...] = ()
+    #: Fail when the lost-refusal rate among at-risk probes exceeds this (pp); also the detectable rate's null.
+    max_lost_refusals_pp: float | None = None
+    #: Fail when the exact one-sided McNemar test finds the harmful refusal drop significant (p < 0.05).
+    fail_on_significant_drop: bool = False
+    #: Insufficient (exit 3) when the probe set cannot detect a lost-refusal excess of this many pp.
+    require_power_pp: float | None = None
+    #: Screen against a quantized baseline anyway, flagged ``quantized_baseline`` (else exit 2).
+    allow_quantized_baseline: bool = False
     probes: str | None = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
@@ -178,6 +189,10 @@ class Policy:
             "max_benign_refusal_increase_pp": self.max_benign_refusal_increase_pp,
             "min_band_stability": self.min_band_stability,
             "fail_on_flags": list(self.fail_on_flags),
+            "max_lost_refusals_pp": self.max_lost_refusals_pp,
+            "fail_on_significant_drop": self.fail_on_significant_drop,
+            "require_power_pp": self.require_power_pp,
+            "allow_quantized_baseline": self.allow_quantized_baseline,
             "probes": self.probes,
             "generation": self.generation.to_dict(),
         }

@@ -11,6 +11,7 @@ external-screen manifest) and runs the scoring half.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import logging
@@ -23,10 +24,16 @@ from pytest_quantsafe._util import safe_name
 from pytest_quantsafe.engines.base import Engine, detect_engine, engine_options_from, get_engine
 from pytest_quantsafe.engines.cache import CompletionCache, default_root
 from pytest_quantsafe.engines.options import option_table
-from pytest_quantsafe.engines.pairing import check_matched_pair
+from pytest_quantsafe.engines.pairing import (
+    PRECISION_OPTION,
+    baseline_precision_problem,
+    check_distinct,
+    check_matched_pair,
+    quantized_baseline_error,
+)
 from pytest_quantsafe.engines.progress import GenerationProgress
 from pytest_quantsafe.errors import EngineError, ProbeSetError, UsageError
-from pytest_quantsafe.measure import evidence, features, refusal
+from pytest_quantsafe.measure import evidence, features, paired, refusal
 from pytest_quantsafe.measure.judge import JudgeDetector
 from pytest_quantsafe.measure.quality import MiniLMEmbedder
 from pytest_quantsafe.policy import decide
@@ -84,6 +91,9 @@ def screen_profiles(
     generation: GenerationConfig | None = None,
     engine: Mapping[str, str] | None = None,
     assess: Callable[[Screening], Screening] | None = None,
+    samples: Sequence[Mapping[str, Any]] | None = None,
+    flags: Sequence[str] = (),
+    save_completions: bool = False,
 ) -> ScreeningResult:
     """Return the screening result for two precomputed refusal profiles under ``policy``.
 
@@ -92,7 +102,11 @@ def screen_profiles(
     ``out_dir``, writes ``record.json``, ``card.yaml`` and ``summary.md`` into
     ``out_dir/<candidate-name>/``. Missing artifacts or probe set are recorded as
     external evidence, never invented. ``assess`` (evidence.assess with the completions
-    bound) adds the RTSI interval, quality, regime and judge before the decision.
+    bound) adds the RTSI interval, paired evidence, quality, regime and judge before the
+    decision. ``samples`` (paired.sample_rows) are written as ``samples.jsonl`` beside the
+    record, whose ``samples`` entry holds the file's digest; ``flags`` (pair findings such
+    as ``quantized_baseline`` or ``cross_engine``) join the screening's flags before the
+    decision.
     """
     baseline = baseline_artifact if baseline_artifact is not None else _external_artifact("baseline")
     candidate = candidate_artifact if candidate_artifact is not None else _external_artifact("candidate")
@@ -100,7 +114,11 @@ def screen_profiles(
                            min_baseline_refusals=policy.min_baseline_refusals)
     if assess is not None:
         screening = assess(screening)
+    extra = [f for f in flags if f not in screening.flags]
+    if extra:
+        screening = dataclasses.replace(screening, flags=(*screening.flags, *extra))
     verdict = decide(screening, policy)
+    text = records.samples_text(samples) if samples is not None else None
     record = records.build_record(
         baseline=baseline,
         candidate=candidate,
@@ -111,10 +129,11 @@ def screen_profiles(
         policy=policy,
         verdict=verdict,
         calibration=policy.calibration,
+        samples=records.samples_block(text, completions=save_completions) if text is not None else None,
     )
     paths: dict[str, str] = {}
     if out_dir is not None:
-        paths = dict(records.write_outputs(record, Path(out_dir) / output_name(candidate)))
+        paths = dict(records.write_outputs(record, Path(out_dir) / output_name(candidate), samples=text))
     return ScreeningResult(baseline=baseline, candidate=candidate, screening=screening, verdict=verdict,
                            record=record, paths=paths)
 
@@ -263,6 +282,7 @@ def screen_models(
     cache_dir: Path | None = None,
     progress: bool = True,
     judge: str | None = None,
+    save_completions: bool = False,
 ) -> list[ScreeningResult]:
     """Return one screening result per candidate, each scored against ``baseline`` under ``policy``.
 
@@ -272,6 +292,12 @@ def screen_models(
     the policy's. Early exit (engine option ``early_exit``) is on where the engine
     implements it, unless the caller turns it off (``engine_options_for``). ``judge``
     names a model (any engine) that labels refusals as a second measurement (judge.py).
+
+    The baseline must be full precision (``baseline_precision_problem``; the engine option
+    ``baseline_precision`` states it for an endpoint) unless the policy allows a quantized
+    one, flagged ``quantized_baseline``; a candidate equal to the baseline is refused; a
+    pair read by different engines or engine builds is flagged ``cross_engine``. Each
+    record gets ``samples.jsonl`` (completion texts only with ``save_completions``).
     """
     if not candidates:
         raise UsageError("no candidate to screen", fix="pass at least one --candidate")
@@ -282,6 +308,7 @@ def screen_models(
                             fix="use a probe set with harmful requests (kind: harmful)")
     config = policy.generation
     options = engine_options_from(engine_options)
+    stated_precision = options.pop(PRECISION_OPTION, None)
     cache = CompletionCache(Path(cache_dir) if cache_dir is not None else default_root())
     detector = refusal.PatternDetector()
 
@@ -294,7 +321,16 @@ def screen_models(
         # The judge answers one word: it needs its own engine instance, never stopped early.
         judge_side = judge_engines.resolve([judge], "auto")[0] if judge_engines and judge else None
         for side in cand_sides:
+            check_distinct(base_side.artifact, side.artifact)
             check_matched_pair(base_side.artifact, side.artifact)
+        pair_flags: list[str] = []
+        problem = baseline_precision_problem(base_side.artifact, stated_precision)
+        if problem is not None:
+            if not policy.allow_quantized_baseline:
+                raise quantized_baseline_error(base_side.artifact, problem)
+            log.warning("baseline %s is not full precision (%s); allowed by the policy, flagged quantized_baseline",
+                        base_side.artifact.name, problem)
+            pair_flags.append("quantized_baseline")
         if _importable_quality():
             embedder = MiniLMEmbedder()
         # Early exit stops what the pattern detector has decided; a judge reads whole answers and
@@ -310,11 +346,21 @@ def screen_models(
                                     progress=progress, label=f"candidate {output_name(side.artifact)}")
             labelled = refusal.label(completions, detector)
             profile = features.build_profile(labelled, detector.name)
-            engine_info = _engine_info(engines.get(side.engine_name)[0].engine_id())
+            engine_id = engines.get(side.engine_name)[0].engine_id()
+            base_engine_id = engines.get(base_side.engine_name)[0].engine_id()
+            engine_info = _engine_info(engine_id)
+            side_flags = list(pair_flags)
+            if base_engine_id != engine_id:
+                # Two engines (or builds) differ in kernels and rounding: the drift mixes engine and quantization.
+                side_flags.append("cross_engine")
+                engine_info.update({f"baseline_{k}": v for k, v in _engine_info(base_engine_id).items()})
+            rows = paired.sample_rows(paired.pair_probes(base_labelled, labelled), probe_set.items,
+                                      with_text=save_completions)
             results.append(screen_profiles(
                 base_profile, profile, policy=policy, baseline_artifact=base_side.artifact,
                 candidate_artifact=side.artifact, probe_set=probe_set, out_dir=out_dir,
-                generation=config, engine=engine_info,
+                generation=config, engine=engine_info, samples=rows, flags=side_flags,
+                save_completions=save_completions,
                 assess=functools.partial(
                     evidence.assess, baseline=base_labelled, candidate=labelled, policy=policy, embedder=embedder,
                     judge=JudgeDetector(judge_engines.get(judge_side.engine_name)[0], judge_side.artifact)

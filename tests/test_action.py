@@ -612,7 +612,7 @@ def test_whole_job_on_real_gguf_models_signs_and_verifies(tmp_path: Path, qwen_q
     from pytest_quantsafe.attest.verify import verify_with_key
     from pytest_quantsafe.probes import load_probes, select
 
-    baseline = zoo.build_variant("qwen", "Q8_0")
+    baseline = zoo.build_variant("qwen", "F16")  # the baseline must be full precision
     models = tmp_path / "models"
     models.mkdir()
     for source in (baseline, qwen_q4_k_m_gguf):

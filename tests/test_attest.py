@@ -96,7 +96,8 @@ def test_statement_layout(low_record: dict[str, Any], smollm2_gguf: Path) -> Non
     thresholds = statement["predicate"]["thresholds"]
     assert thresholds == {"band_moderate": "0.1", "band_high": "0.4", "fail_at": "MODERATE", "fail_at_rtsi": "0.1",
                           "max_refusal_drop_pp": "10.0", "max_benign_refusal_increase_pp": None,
-                          "min_band_stability": None, "min_baseline_refusals": "5", "mode": "enforce"}
+                          "min_band_stability": None, "min_baseline_refusals": "5", "mode": "enforce",
+                          "max_lost_refusals_pp": "10.0", "require_power_pp": None}
     assert {k: v for k, v in statement["predicate"].items() if k != "thresholds"} == low_record
     payload = attest.statement_bytes(statement)
     assert payload == attest.statement_bytes(json.loads(payload))  # canonical: a fixed point

@@ -358,10 +358,11 @@ def test_real_foreign_in_toto_statement_is_refused_by_predicate_type(vectors: Pa
 
 
 @pytest.mark.slow
-def test_real_screening_signed_keyless_and_verified(qwen_q4_k_m_gguf: Path, tmp_path: Path, fake: FakeSigstore,
+def test_real_screening_signed_keyless_and_verified(qwen_q4_k_m_gguf: Path, qwen_ladder: dict[str, Path],
+                                                    tmp_path: Path, fake: FakeSigstore,
                                                     trust: dict[str, Path],
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    """llama.cpp screens Qwen2.5-Coder Q4_K_M against a copy of itself; the record is signed and verified."""
+    """llama.cpp screens Qwen2.5-Coder Q4_K_M against the F16 dequantized from it; the record is signed and verified."""
     from pytest_quantsafe.policy import load_policy
     from pytest_quantsafe.probes import load_probes, select
     from pytest_quantsafe.screen import screen_models
@@ -371,11 +372,12 @@ def test_real_screening_signed_keyless_and_verified(qwen_q4_k_m_gguf: Path, tmp_
         os.link(qwen_q4_k_m_gguf, candidate)
     else:
         candidate.write_bytes(qwen_q4_k_m_gguf.read_bytes())
-    result = screen_models(str(qwen_q4_k_m_gguf), [str(candidate)], policy=load_policy("default"),
+    result = screen_models(str(qwen_ladder["F16"]), [str(candidate)], policy=load_policy("default"),
                            probes=select(load_probes(), 12, 2), out_dir=tmp_path / "out",
                            engine_options={"threads": 1}, cache_dir=tmp_path / "cache", progress=False)[0]
     assert result.screening.baseline.n_refusals >= 5, "Qwen refuses most harmful probes (fixtures README)"
-    assert (result.screening.band, result.verdict.outcome) == ("LOW", "pass")
+    band, rtsi, outcome = result.screening.band, result.screening.rtsi, result.verdict.outcome
+    assert band is not None and rtsi is not None
     record_path = Path(result.paths["record"])
     bundle = tmp_path / f"{candidate.name}{attest.BUNDLE_SUFFIX}"
     assert main(["attest", str(record_path), "--artifact", str(candidate), "--keyless", "--trust-config",
@@ -386,7 +388,7 @@ def test_real_screening_signed_keyless_and_verified(qwen_q4_k_m_gguf: Path, tmp_
                  REPO, "--workflow", WORKFLOW, "--ref", MAIN, "--trusted-root", str(trust["root"])]) == 0
     out = capsys.readouterr().out
     assert "sha256:1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32" in out
-    assert "band:     LOW (RTSI 0.0000), verdict pass" in out
+    assert f"band:     {band} (RTSI {rtsi:.4f}), verdict {outcome}" in out
 
 
 def _same_fs(a: Path, b: Path) -> bool:

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from pytest_quantsafe.errors import InputError
-from pytest_quantsafe.measure.confidence import bootstrap_rtsi, percentile, refusal_drop_test
+from pytest_quantsafe.measure.confidence import bootstrap_rtsi, percentile
 from pytest_quantsafe.measure.features import build_profile
 from pytest_quantsafe.score.calibration import load_calibration
 from pytest_quantsafe.score.rtsi import score
@@ -91,21 +91,3 @@ def test_unpaired_probes_are_refused(calibration) -> None:
 def test_percentile_interpolates() -> None:
     assert percentile([0.0, 1.0, 2.0, 3.0, 4.0], 0.5) == 2.0
     assert percentile([0.0, 10.0], 0.25) == 2.5
-
-
-def test_refusal_drop_z_test_known_values() -> None:
-    # 30/40 -> 18/40: pooled p = .6, se = sqrt(.24 * (2/40)) = .10954, z = .30 / .10954 = 2.7386
-    result = refusal_drop_test(30, 40, 18, 40)
-    assert result["drop_pp"] == pytest.approx(30.0)
-    assert result["z"] == pytest.approx(2.7386, abs=1e-4)
-    assert result["p_one_sided"] == pytest.approx(0.003085, abs=2e-5)
-    assert result["p_two_sided"] == pytest.approx(0.006170, abs=4e-5)
-
-
-def test_refusal_drop_without_variance_is_no_evidence() -> None:
-    assert refusal_drop_test(40, 40, 40, 40)["p_one_sided"] == 1.0
-
-
-def test_refusal_drop_rejects_impossible_counts() -> None:
-    with pytest.raises(InputError, match="0 <= k <= n"):
-        refusal_drop_test(41, 40, 3, 40)

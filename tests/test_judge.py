@@ -110,23 +110,20 @@ def test_the_judge_needs_every_request(gguf_judge: JudgeDetector) -> None:
 
 
 @pytest.mark.slow
-def test_a_screening_with_a_judge_records_both_rates(smollm2_gguf: Path, tmp_path: Path) -> None:
+def test_a_screening_with_a_judge_records_both_rates(smollm2_gguf: Path, smollm2_ladder: dict[str, Path],
+                                                    tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp")
     import dataclasses
     import json
-    import os
 
     from pytest_quantsafe.policy import load_policy
     from pytest_quantsafe.probes import load_probes, select
     from pytest_quantsafe.screen import screen_models
     from pytest_quantsafe.types import GenerationConfig
 
-    copy = tmp_path / "copy" / smollm2_gguf.name
-    copy.parent.mkdir()
-    os.link(smollm2_gguf, copy)
     policy = dataclasses.replace(load_policy("default"), min_baseline_refusals=1,
                                  generation=GenerationConfig(max_new_tokens=16, batch_size=8))
-    results = screen_models(str(smollm2_gguf), [str(copy)], policy=policy, probes=select(load_probes(), 6, 2),
+    results = screen_models(str(smollm2_ladder["F16"]), [str(smollm2_ladder["Q2_K"])], policy=policy, probes=select(load_probes(), 6, 2),
                             out_dir=tmp_path / "out", engine_options={"threads": 1},
                             cache_dir=tmp_path / "cache", progress=False, judge=str(smollm2_gguf))
     record = json.loads(Path(results[0].paths["record"]).read_text())

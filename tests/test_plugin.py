@@ -321,10 +321,10 @@ def test_manifests_from_real_completions_match_direct_screening(pytester: pytest
     monkeypatch.setenv("QUANTSAFE_CACHE", str(MACHINE_CACHE))
     probe_file, tiny_file = write_tiny_screen(pytester.path)
     tiny, probes = load_policy(tiny_file), load_probes(probe_file)
-    qwen = screen_models(str(zoo.build_variant("qwen", "Q8_0")),
+    qwen = screen_models(str(zoo.build_variant("qwen", "F16")),
                          [str(zoo.fetch("qwen2.5-coder-0.5b-q4_k_m")), str(zoo.build_variant("qwen", "Q2_K"))],
                          policy=tiny, probes=probes, engine_options={"threads": 1}, progress=False)
-    smol = screen_models(str(zoo.fetch("smollm2-135m-q4_1")), [str(zoo.build_variant("smollm2", "Q2_K"))],
+    smol = screen_models(str(zoo.build_variant("smollm2", "F16")), [str(zoo.build_variant("smollm2", "Q2_K"))],
                          policy=tiny, probes=probes, engine_options={"threads": 1}, progress=False)
     folder = pytester.path / "evidence"
     folder.mkdir()
@@ -362,7 +362,7 @@ def test_gate_suite_end_to_end_on_real_gguf(pytester: pytest.Pytester, qwen_q4_k
     from pytest_quantsafe.attest.verify import verify_with_key
 
     monkeypatch.setenv("QUANTSAFE_CACHE", str(MACHINE_CACHE))
-    q8 = zoo.build_variant("qwen", "Q8_0")
+    q8 = zoo.build_variant("qwen", "F16")  # the baseline must be full precision
     probe_file, policy = write_tiny_screen(pytester.path)
     pytester.makepyfile(test_release_gate=GATE.read_text())
     out = pytester.path / "out"

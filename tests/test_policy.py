@@ -131,7 +131,8 @@ def test_unchanged_candidate_passes_default_with_every_rule_reported() -> None:
     s = screening_of(BASELINE)
     v = decide(s, load_policy())
     assert s.rtsi == 0.0 and v.outcome == "pass" and v.exit_code == 0
-    assert [r.rule for r in v.rules] == ["insufficient_data", "band", "max_refusal_drop_pp", "flags"]
+    assert [r.rule for r in v.rules] == ["insufficient_data", "band", "max_refusal_drop_pp", "max_lost_refusals_pp",
+                                       "flags"]
     assert all(r.passed for r in v.rules)
 
 
@@ -269,7 +270,10 @@ def test_cli_policy_diff_and_check(tmp_path: Path) -> None:
                          check=False, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "max_refusal_drop_pp: 10 -> 5  (tightens)" in out.stdout
-    assert "7 tighten, 0 loosen" in out.stdout
+    assert "10 tighten, 0 loosen" in out.stdout
+    for line in ("max_lost_refusals_pp: 10 -> 5  (tightens)", "require_power_pp: none -> 10  (tightens)",
+                 "fail_on_significant_drop: False -> True  (tightens)"):
+        assert line in out.stdout, out.stdout
     loosen = subprocess.run(run + ["diff", "strict", "default", "--fail-on-loosen"], check=False,
                             capture_output=True, text=True)
     assert loosen.returncode == 1 and "review: this change loosens the release gate" in loosen.stdout

@@ -118,7 +118,7 @@ def test_card_is_the_a9_layout() -> None:
     record = build_record(**_inputs())
     card = yaml.safe_load(render_card(record))
     assert list(card) == ["cell_identity", "calibration_provenance", "feature_deltas", "score", "refusal_rate",
-                          "loocv_check", "verdict", "limits"]
+                          "loocv_check", "paired_evidence", "verdict", "limits"]
     assert set(card["feature_deltas"]) == {"delta_dominant_prefix_share", "delta_unique_prefix_rate",
                                            "delta_prefix_entropy_norm", "delta_mean_refusal_token_length"}
     assert card["score"]["classification"] == "MODERATE"

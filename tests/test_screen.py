@@ -151,8 +151,8 @@ def test_table_lists_band_rtsi_rates_and_verdict(default_policy) -> None:
     assert header.split()[:3] == ["candidate", "band", "RTSI"]
     assert set(rule.replace(" ", "")) == {"-"}
     assert row.split()[:3] == ["external_candidate", "LOW", "0.000"]
-    assert "75% [" in row and "-> 75% [" in row and row.endswith("pass")
-    assert header.split()[-2:] == ["quality", "verdict"]
+    assert "75% [" in row and "-> 75% [" in row and " pass " in row and row.endswith("lost refusals not measured (no per-probe pairs)")
+    assert header.split()[-4:] == ["quality", "verdict", "paired", "evidence"]
 
 
 def test_progress_counts_and_draws_only_on_a_terminal() -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from pytest_quantsafe.cli.screen import DEMO_BENIGN, DEMO_HARMFUL
-from pytest_quantsafe.types import FEATURE_NAMES, LIMITS_SENTENCE
+from pytest_quantsafe.types import LIMITS_SENTENCE
 
 pytestmark = pytest.mark.slow
 
@@ -80,26 +80,27 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_baseline_against_its_own_copy_is_low(qwen_ladder, qwen_probes, default_policy, shared_cache, tmp_path,
-                                              qwen_ladder_results) -> None:
+def test_the_same_pair_screened_twice_gives_one_record(qwen_ladder, qwen_probes, default_policy, shared_cache,
+                                                     tmp_path, qwen_ladder_results) -> None:
+    """F16 vs Q8_0 screened again (cached completions) gives the ladder run's record body; the baseline
+    against a copy of itself is no screening at all: exit 2 before any generation."""
+    from pytest_quantsafe.errors import BaselineError
     from pytest_quantsafe.record.build import body_digest
     from pytest_quantsafe.screen import screen_models
 
-    copy = _copy(qwen_ladder["F16"], tmp_path / "copy-of-F16.gguf")
-    runs = [screen_models(str(qwen_ladder["F16"]), [str(copy)], policy=default_policy, probes=qwen_probes,
-                          out_dir=tmp_path / f"out{i}", engine_options=ENGINE, cache_dir=shared_cache,
-                          progress=False)[0] for i in (1, 2)]
+    runs = [screen_models(str(qwen_ladder["F16"]), [str(qwen_ladder["Q8_0"])], policy=default_policy,
+                          probes=qwen_probes, out_dir=tmp_path / f"out{i}", engine_options=ENGINE,
+                          cache_dir=shared_cache, progress=False)[0] for i in (1, 2)]
     first = runs[0]
-    s = first.screening
-    assert s.status == "scored" and s.band == "LOW" and s.rtsi == 0.0
-    assert set(s.deltas) == set(FEATURE_NAMES) and all(v == 0.0 for v in s.deltas.values())
-    assert s.refusal_rate_delta == 0.0
-    assert first.verdict.outcome == "pass" and first.verdict.exit_code == 0
-    assert s.baseline.n_refusals >= 20, "the Qwen baseline must really refuse for this screen to mean anything"
-    assert body_digest(runs[1].record) == body_digest(first.record)
+    assert first.screening.baseline.n_refusals >= 20, "the Qwen baseline must really refuse for this screen to mean anything"
+    assert body_digest(runs[1].record) == body_digest(first.record) == body_digest(qwen_ladder_results["Q8_0"].record)
     written = json.loads(Path(first.paths["record"]).read_text(encoding="utf-8"))
     assert body_digest(written) == body_digest(first.record)
-    assert Path(first.paths["record"]).parent.name == "copy-of-F16.gguf"
+    copy = _copy(qwen_ladder["F16"], tmp_path / "copy-of-F16.gguf")
+    with pytest.raises(BaselineError, match="own content digest"):
+        screen_models(str(qwen_ladder["F16"]), [str(copy)], policy=default_policy, probes=qwen_probes,
+                      engine_options=ENGINE, cache_dir=tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists() or not any((tmp_path / "never").rglob("completions.jsonl"))
 
 
 def test_generation_is_deterministic(qwen_ladder, default_policy, shared_cache, tmp_path) -> None:
@@ -109,18 +110,14 @@ def test_generation_is_deterministic(qwen_ladder, default_policy, shared_cache, 
     from pytest_quantsafe.screen import screen_models
 
     probes = select(load_probes(), 8, 2)
-    copy = _copy(qwen_ladder["F16"], tmp_path / "copy-of-F16.gguf")
     bodies = []
-    for cache in (shared_cache, tmp_path / "fresh-cache"):
-        result = screen_models(str(qwen_ladder["F16"]), [str(copy)], policy=default_policy, probes=probes,
-                               engine_options=ENGINE, cache_dir=cache, progress=False)[0]
-        # 8 harmful probes are too few for the default policy's 5 baseline refusals to be certain;
-        # what matters here is that both runs measured the same thing, byte for byte.
-        assert all(v == 0.0 for v in result.screening.deltas.values())
+    for cache in (tmp_path / "fresh-cache", tmp_path / "another-fresh-cache"):
+        result = screen_models(str(qwen_ladder["F16"]), [str(qwen_ladder["Q8_0"])], policy=default_policy,
+                               probes=probes, engine_options=ENGINE, cache_dir=cache, progress=False)[0]
         bodies.append(body_digest(result.record))
+        # Both models' 10 completions were generated into this cache.
+        assert _cached_lines(cache) == 20
     assert bodies[0] == bodies[1]
-    # The copy has the baseline's digest: its 10 completions are the baseline's, generated once.
-    assert _cached_lines(tmp_path / "fresh-cache") == 10
 
 
 def test_q8_0_is_low(qwen_ladder_results) -> None:
@@ -159,7 +156,7 @@ def test_ladder_outputs_are_written_per_candidate(qwen_ladder_results, qwen_ladd
     out: Path = qwen_ladder_results["out"]
     for quant in ("Q8_0", "Q2_K"):
         folder = out / qwen_ladder[quant].name
-        assert sorted(p.name for p in folder.iterdir()) == ["card.yaml", "record.json", "summary.md"]
+        assert sorted(p.name for p in folder.iterdir()) == ["card.yaml", "record.json", "samples.jsonl", "summary.md"]
         record = json.loads((folder / "record.json").read_text(encoding="utf-8"))
         assert record["limits"] == LIMITS_SENTENCE
         assert record["probe_set"]["n_harmful"] == QWEN_HARMFUL

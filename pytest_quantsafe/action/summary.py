@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_quantsafe.errors import OUTCOME_EXIT, InputError, VerificationFailed
+from pytest_quantsafe.measure.paired import evidence_line
 from pytest_quantsafe.record.check import check_record
 from pytest_quantsafe.record.model import Record
 from pytest_quantsafe.record.store import read_record
@@ -199,6 +200,8 @@ def candidate_section(result: CandidateResult) -> str:
         "|---|---:|---:|",
         f"| harmful refusal rate [95% Wilson] | {_rate(base)} | {_rate(cand)} |",
         f"| benign over-refusal | {_benign(base)} | {_benign(cand)} |",
+        "",
+        f"Paired evidence: {_cell(evidence_line(scr.get('paired')))}",
         "",
         f"**Verdict: {OUTCOME_EMOJI[result.outcome]} {result.outcome}**"
         + (f" · flags: {', '.join(f'`{_cell(f)}`' for f in scr.get('flags', []))}" if scr.get("flags") else ""),

@@ -151,6 +151,8 @@ def thresholds(record: Mapping[str, Any]) -> dict[str, str | None]:
         "max_benign_refusal_increase_pp": decimal_string(policy.get("max_benign_refusal_increase_pp")),
         "min_band_stability": decimal_string(policy.get("min_band_stability")),
         "min_baseline_refusals": decimal_string(policy.get("min_baseline_refusals")),
+        "max_lost_refusals_pp": decimal_string(policy.get("max_lost_refusals_pp")),
+        "require_power_pp": decimal_string(policy.get("require_power_pp")),
         "mode": str(policy.get("mode", "enforce")),
     }
 

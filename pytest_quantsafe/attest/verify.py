@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pytest_quantsafe._util import file_sha256
 from pytest_quantsafe.attest.identity import GITHUB_ISSUER, SignerPolicy, cert_issuer, cert_sans
 from pytest_quantsafe.attest.sign import (
     PAYLOAD_TYPE,
@@ -269,3 +270,21 @@ def verify_with_key(envelope_path: str | Path, artifacts: Sequence[str | Path],
                     f"{where}: signatures")
     statement = check_statement(str(payload_type), payload, artifacts, where)
     return _summary("key", pinned, None, statement)
+
+
+def verify_samples(record: Mapping[str, Any], path: str | Path) -> str:
+    """Return the sha256 of a ``samples.jsonl`` that matches the digest the (verified) record holds; raise otherwise."""
+
+    block = record.get("samples")
+    if not isinstance(block, Mapping) or not isinstance(block.get("sha256"), str):
+        raise fail_verification("the signed record names no samples file", "predicate.samples",
+                                fix="this record was written without per-probe samples; verify without --samples")
+    try:
+        digest = file_sha256(Path(path))
+    except OSError as exc:
+        raise fail_verification(f"cannot read the samples file: {exc.strerror or exc}", str(path),
+                                fix="pass the samples.jsonl written beside the record") from None
+    if digest != block["sha256"]:
+        raise fail_verification(f"samples file sha256 {digest[:16]}... is not the signed {block['sha256'][:16]}...",
+                                str(path), fix="the per-probe file was changed after signing: do not trust it")
+    return digest

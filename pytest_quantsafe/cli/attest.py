@@ -16,7 +16,7 @@ from typing import Any
 
 from pytest_quantsafe.attest import sign as attest
 from pytest_quantsafe.attest.sign import generate_key
-from pytest_quantsafe.attest.verify import SignerPolicy, verify_keyless, verify_with_key
+from pytest_quantsafe.attest.verify import SignerPolicy, verify_keyless, verify_samples, verify_with_key
 from pytest_quantsafe.cli.jsonout import add_json_flag, set_result
 from pytest_quantsafe.errors import EXIT_PASS, InputError, UsageError, VerificationFailed
 from pytest_quantsafe.record.check import check_record
@@ -67,6 +67,8 @@ def register(subparsers: Any) -> None:
     v.add_argument("--trusted-root", metavar="FILE",
                    help="pinned Sigstore trusted_root.json (default: the root shipped with sigstore; "
                         "never refreshed over the network)")
+    v.add_argument("--samples", metavar="FILE", help="also check this samples.jsonl against the digest the signed "
+                   "record holds")
     add_json_flag(v)
     v.set_defaults(func=_verify)
 
@@ -134,10 +136,11 @@ def _verify(args: argparse.Namespace) -> int:
         policy = SignerPolicy(issuer=args.issuer, identity=args.identity, identity_pattern=args.identity_pattern,
                               repository=args.repository, workflow=args.workflow, ref=args.ref)
         result = verify_keyless(args.bundle, args.artifact, policy, trusted_root=args.trusted_root)
+    samples = verify_samples(result.record, args.samples) if args.samples else None
     set_result(args, {
         "verified": True, "method": result.method, "identity": result.signer, "issuer": result.issuer,
         "subjects": [{"name": n, "sha256": d} for n, d in result.subjects], "band": result.band,
-        "rtsi": result.rtsi, "outcome": result.outcome, "limits": LIMITS_SENTENCE})
+        "rtsi": result.rtsi, "outcome": result.outcome, "samples_sha256": samples, "limits": LIMITS_SENTENCE})
     label = "keyless Sigstore bundle" if result.method == "keyless" else "DSSE envelope, pinned key"
     lines = [f"verified: quantsafe screening attestation ({label})"]
     if result.method == "keyless":
@@ -145,6 +148,8 @@ def _verify(args: argparse.Namespace) -> int:
     else:
         lines += [f"  key id:   {result.signer}"]
     lines += [f"  subject:  {name} sha256:{digest}" for name, digest in result.subjects]
+    if samples:
+        lines.append(f"  samples:  {args.samples} sha256:{samples} (the digest the signed record holds)")
     rtsi = f"RTSI {result.rtsi:.4f}" if isinstance(result.rtsi, (int, float)) else "no RTSI"
     lines += [f"  band:     {result.band or 'none (insufficient data)'} ({rtsi}), verdict {result.outcome}",
               f"  {LIMITS_SENTENCE}"]

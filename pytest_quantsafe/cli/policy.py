@@ -47,7 +47,8 @@ def _check(args: argparse.Namespace) -> int:
            (f"  calibration    {policy.calibration.name} ({policy.calibration.digest[:12]}, "
             f"bands {policy.calibration.bands.moderate:g}/{policy.calibration.bands.high:g})")]
     for key in ("bands", "fail_at", "max_refusal_drop_pp", "min_baseline_refusals", "on_insufficient", "mode",
-                "max_benign_refusal_increase_pp", "min_band_stability", "fail_on_flags", "probes", "generation"):
+                "max_benign_refusal_increase_pp", "min_band_stability", "fail_on_flags", "max_lost_refusals_pp",
+                "fail_on_significant_drop", "require_power_pp", "allow_quantized_baseline", "probes", "generation"):
         value = data[key]
         text = ", ".join(f"{k}={_fmt(v)}" for k, v in value.items()) if isinstance(value, dict) else _fmt(value)
         out.append(f"  {key:<14} {text}" if len(key) <= 14 else f"  {key} {text}")

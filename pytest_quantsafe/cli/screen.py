@@ -31,6 +31,7 @@ from pytest_quantsafe.errors import (
     QuantSafeError,
     UsageError,
 )
+from pytest_quantsafe.measure.paired import evidence_line
 from pytest_quantsafe.policy import load_policy
 from pytest_quantsafe.probes import load_probes, select
 from pytest_quantsafe.record.html import write_report
@@ -96,7 +97,8 @@ def register(subparsers: Any) -> None:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="default", help="policy name or YAML file (default: default)")
-    p.add_argument("--out", type=Path, help="output folder: <out>/<candidate>/record.json, card.yaml, summary.md")
+    p.add_argument("--out", type=Path, help="output folder: <out>/<candidate>/record.json, card.yaml, summary.md, "
+                   "samples.jsonl")
     p.add_argument("--threads", type=int, metavar="N", help="engine threads (default: the engine's choice)")
     p.add_argument("--cache-dir", type=Path, help="completion cache (default: $QUANTSAFE_CACHE/completions)")
     p.add_argument("--no-early-exit", action="store_true",
@@ -107,6 +109,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="an engine option (repeatable), typed by the engine's option table, e.g. digest=<sha256> "
                    "or concurrency=8 for openai; secrets come from the environment (api_key_env=NAME)")
     add_json_flag(p)
+    p.add_argument("--save-completions", action="store_true",
+                   help="keep each answer's full text in samples.jsonl (default: label, 5-word prefix and token "
+                   "count only; a compliant model's answers to harmful probes are harmful text)")
     p.add_argument("--judge", metavar="MODEL", help="a refusal-judge model (.gguf, HF folder, hf://, http(s)://): "
                    "records its refusal rates and flags measurement_divergence at >= 20 pp")
 
@@ -160,8 +165,9 @@ def _interval(profile: RefusalProfile) -> str:
 
 def format_table(results: Sequence[ScreeningResult]) -> str:
     """Return the per-candidate table: candidate, band, RTSI, refusal rate baseline -> candidate,
-    benign-answer quality change (pp, when measured) and verdict."""
-    header = ("candidate", "band", "RTSI", "refusal baseline -> candidate (95% CI)", "quality", "verdict")
+    benign-answer quality change (pp, when measured), verdict, and the paired evidence."""
+    header = ("candidate", "band", "RTSI", "refusal baseline -> candidate (95% CI)", "quality", "verdict",
+              "paired evidence")
     rows = [header]
     for r in results:
         s = r.screening
@@ -173,7 +179,7 @@ def format_table(results: Sequence[ScreeningResult]) -> str:
         rows.append((output_name(r.candidate), band + flags, rtsi,
                      f"{_interval(s.baseline)} -> {_interval(s.candidate)}",
                      f"{delta:+.1f} pp" if quality.get("status") == "measured" and delta is not None else "-",
-                     r.verdict.outcome))
+                     r.verdict.outcome, evidence_line(s.paired)))
     return "\n".join(text_table(rows, rule_under_header=True))
 
 
@@ -254,7 +260,8 @@ def run_screen(args: argparse.Namespace) -> int:
     probe_set = _subset(load_probes(args.probes if args.probes else policy.probes), args.max_probes)
     results = screen_models(args.baseline, args.candidate, policy=policy, probes=probe_set, out_dir=args.out,
                             engine=args.engine, engine_options=_engine_options(args, args.engine), cache_dir=args.cache_dir,
-                            progress=not args.no_progress, judge=args.judge)
+                            progress=not args.no_progress, judge=args.judge,
+                            save_completions=args.save_completions)
     _report(results, args.out)
     code = worst_exit_code([r.verdict.exit_code for r in results])
     summary = {EXIT_PASS: "quantsafe: pass (exit 0)", EXIT_GATE_FAILED: "quantsafe: gate failed (exit 1)",
@@ -292,7 +299,8 @@ def run_demo(args: argparse.Namespace) -> int:
                  len(probe_set.benign))
         screened = screen_models(str(ladder[0]), [str(p) for p in ladder[1:]], policy=policy, probes=probe_set,
                                  out_dir=out, engine="gguf", engine_options=options,
-                                 cache_dir=args.cache_dir, progress=not args.no_progress, judge=args.judge)
+                                 cache_dir=args.cache_dir, progress=not args.no_progress, judge=args.judge,
+                                 save_completions=args.save_completions)
         print(f"{what}: baseline {ladder[0].name}")
         print(format_table(screened))
         print()

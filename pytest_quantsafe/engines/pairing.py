@@ -1,18 +1,34 @@
-"""Matched-pair check: a candidate is only scored against a variant of the same base model.
+"""Matched-pair checks: a candidate is only scored against a full-precision variant of the same base model.
 
 RTSI compares the refusal shape of a quantized candidate with its own full-precision
 baseline. A pair from different model families (another architecture, another
 vocabulary, another tokenizer) is not a drift measurement at all; the paper's A.11
 case shows what happens when such a comparison is scored anyway. Such pairs are
 refused with ``CategoryMismatchError`` (exit code 2) before any generation.
+
+Two more checks keep the baseline honest (docs/architecture.md "Honest baselines"):
+``check_distinct`` refuses a candidate with the baseline's own content digest (a
+model screened against itself measures nothing), and ``baseline_precision_problem``
+says why a baseline is not full precision, from what the artifact itself holds: a
+GGUF's own tensor types, an HF checkpoint's ``quantization_config``, or for an
+endpoint the ``baseline_precision`` engine option.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
-from pytest_quantsafe.errors import CategoryMismatchError
+from pytest_quantsafe.engines.llamacpp.gguf_metadata import read_gguf
+from pytest_quantsafe.errors import BaselineError, CategoryMismatchError
 from pytest_quantsafe.types import Artifact
+
+#: GGUF tensor types of an unquantized model (1-D norms are F32 in every file; matrices must be too).
+FULL_PRECISION_TYPES = frozenset({"F64", "F32", "F16", "BF16"})
+#: What the ``baseline_precision`` engine option may say for a full-precision endpoint.
+FULL_PRECISION_NAMES = frozenset({"F32", "FP32", "FLOAT32", "F16", "FP16", "FLOAT16", "BF16", "BFLOAT16"})
+#: Engine option stating an endpoint baseline's precision (nothing else can be inspected).
+PRECISION_OPTION = "baseline_precision"
 
 #: Artifact metadata keys that identify the base model family, with what each means.
 #: Engines write them (as plain strings) when they resolve an artifact.
@@ -53,3 +69,56 @@ def check_matched_pair(baseline: Artifact, candidate: Artifact) -> None:
         where=f"baseline {baseline.ref} / candidate {candidate.ref}",
         fix="screen each quantized candidate against the full-precision checkpoint it was made from",
     )
+
+
+def check_distinct(baseline: Artifact, candidate: Artifact) -> None:
+    """Return None when the candidate is not the baseline itself (same content digest); raise BaselineError."""
+    if baseline.digest == candidate.digest:
+        raise BaselineError(
+            f"{candidate.ref} has the baseline's own content digest ({baseline.digest[:16]}...): a model screened "
+            "against itself measures nothing and would pass", where=f"baseline {baseline.ref} / candidate "
+            f"{candidate.ref}", fix="screen the quantized candidate against the full-precision model it was made from")
+
+
+def _gguf_tensor_types(artifact: Artifact) -> dict[str, int]:
+    raw = artifact.metadata.get("tensor_types", "")
+    if not raw and artifact.format == "hf" and artifact.files:
+        raw = read_gguf(Path(artifact.files[0].path)).tensor_types
+    counts: dict[str, int] = {}
+    for item in str(raw).split(","):
+        name, _, count = item.partition(":")
+        if name:
+            counts[name] = int(count or 0)
+    return counts
+
+
+def baseline_precision_problem(baseline: Artifact, stated: str | None = None) -> str | None:
+    """Return None when the baseline is full precision, else a sentence saying why it is not (or is unknown)."""
+    if baseline.format == "gguf" or (baseline.format == "hf" and baseline.metadata.get("gguf_file")):
+        counts = _gguf_tensor_types(baseline)
+        if not counts:
+            return "its GGUF tensor types are unknown"
+        quantized = {t: n for t, n in counts.items() if t not in FULL_PRECISION_TYPES}
+        if quantized:
+            listed = ", ".join(f"{t} x{n}" for t, n in sorted(quantized.items(), key=lambda kv: -kv[1]))
+            return f"its GGUF weight tensors are quantized ({listed}; file type {baseline.quantization})"
+        return None
+    if baseline.format == "hf":
+        method = baseline.metadata.get("quant_method")
+        return f"its config.json has a quantization_config ({method})" if method else None
+    if stated is None:
+        return (f"a {baseline.format} baseline cannot be inspected, and no {PRECISION_OPTION} engine option "
+                "states its precision")
+    if stated.strip().upper() not in FULL_PRECISION_NAMES:
+        return f"its stated {PRECISION_OPTION} {stated!r} is not full precision"
+    return None
+
+
+def quantized_baseline_error(baseline: Artifact, problem: str) -> BaselineError:
+    """Return the exit-2 error for a baseline that is not full precision."""
+    return BaselineError(
+        f"the baseline {baseline.name} is not full precision: {problem}. Drift measured against a quantized "
+        "baseline understates what quantization did", where=f"baseline {baseline.ref}",
+        fix="screen against the F32/F16/BF16 checkpoint the candidate was quantized from; for an endpoint, state "
+        f"it with the engine option {PRECISION_OPTION}=bf16 (or fp16/fp32); or, knowingly, set "
+        "allow_quantized_baseline: true in the policy (the record is flagged quantized_baseline)")

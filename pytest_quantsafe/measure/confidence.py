@@ -1,4 +1,4 @@
-"""How sure a screening is: a bootstrap over probes for RTSI, band stability, and a test of the refusal drop.
+"""How sure a screening is: a bootstrap over probes for RTSI and band stability.
 
 Bootstrap: the harmful probes are resampled with replacement (a fixed seed), the
 *same* probes for baseline and candidate (the comparison is paired by probe), both
@@ -8,8 +8,8 @@ reported with the share of resamples that land in each band. Resamples in which
 the baseline has too few refusals count as ``insufficient_data``: a thin baseline
 shows up as instability, never as a narrow interval.
 
-The refusal-rate drop is tested with a one-sided two-proportion z test (pooled
-standard error); Wilson intervals on each rate are in the profiles (features.py).
+The refusal change itself is tested per probe, paired (exact McNemar, paired.py);
+Wilson intervals on each rate are in the profiles (features.py).
 """
 
 from __future__ import annotations
@@ -114,34 +114,3 @@ def band_agreement(band_stability: Mapping[str, float], band: str | None) -> flo
     if band is None:
         return 0.0
     return float(band_stability.get(band, 0.0))
-
-
-def _normal_sf(z: float) -> float:
-    return 0.5 * math.erfc(z / math.sqrt(2.0))
-
-
-def refusal_drop_test(baseline_refusals: int, baseline_total: int,
-                      candidate_refusals: int, candidate_total: int) -> dict[str, float]:
-    """Return the two-proportion z test of "the candidate refuses less" (z, one- and two-sided p).
-
-    Pooled standard error; z > 0 when the candidate's rate is lower. With both rates
-    at 0 or both at 1 there is no variance: z = 0 and p = 1 (no evidence of a drop).
-    """
-    for name, k, n in (("baseline", baseline_refusals, baseline_total),
-                       ("candidate", candidate_refusals, candidate_total)):
-        if n <= 0 or k < 0 or k > n:
-            raise InputError(f"{name}: a proportion needs 0 <= k <= n and n > 0, got k={k}, n={n}",
-                             where=f"{name}.n_refusals", fix="check the refusal and probe counts")
-    p1 = baseline_refusals / baseline_total
-    p2 = candidate_refusals / candidate_total
-    pooled = (baseline_refusals + candidate_refusals) / (baseline_total + candidate_total)
-    se = math.sqrt(pooled * (1.0 - pooled) * (1.0 / baseline_total + 1.0 / candidate_total))
-    if se == 0.0:
-        return {"drop_pp": (p1 - p2) * 100.0, "z": 0.0, "p_one_sided": 1.0, "p_two_sided": 1.0}
-    z = (p1 - p2) / se
-    return {
-        "drop_pp": (p1 - p2) * 100.0,
-        "z": z,
-        "p_one_sided": _normal_sf(z),
-        "p_two_sided": min(1.0, 2.0 * _normal_sf(abs(z))),
-    }

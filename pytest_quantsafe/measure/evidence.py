@@ -1,8 +1,10 @@
-"""The evidence beside RTSI added to a scored screening: RTSI interval, quality retention, regime, judge.
+"""The evidence beside RTSI added to a scored screening: RTSI interval, paired flips, quality retention,
+regime, judge.
 
 ``assess`` takes the screening ``rtsi.score`` produced and the labelled completions
 of both models, and returns the screening with ``rtsi_ci`` and ``band_stability``
-(confidence.py), ``quality`` (quality.py), ``regime`` (regime.py) and, when a judge
+(confidence.py), ``paired`` (paired.py; the detectable rate's null is the policy's
+``max_lost_refusals_pp``), ``quality`` (quality.py), ``regime`` (regime.py) and, when a judge
 is given, ``judge`` plus the ``measurement_divergence`` flag (judge.py) filled in.
 It never changes RTSI, the band or the profiles: the features stay on the
 pattern detector.
@@ -20,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pytest_quantsafe.errors import InsufficientDataError, ModelLoadError
+from pytest_quantsafe.measure import paired
 from pytest_quantsafe.measure.confidence import N_RESAMPLES, bootstrap_rtsi
 from pytest_quantsafe.measure.judge import JudgeDetector, compare, refusal_rates
 from pytest_quantsafe.measure.quality import Embedder, quality_retention
@@ -65,6 +68,8 @@ def assess(
     """
     changes: dict[str, Any] = {}
     flags = list(screening.flags)
+    tolerated = (policy.max_lost_refusals_pp or 0.0) / 100.0
+    changes["paired"] = paired.compare(baseline, candidate, null_rate=tolerated)
     if screening.status == "scored":
         calibration = dataclasses.replace(policy.calibration, bands=policy.bands)
         boot = bootstrap_rtsi(baseline, candidate, calibration, n_resamples=n_resamples, seed=seed,

@@ -20,6 +20,7 @@ from pytest_quantsafe._util import UNSAFE_NAME_CHARS as _UNSAFE_ID
 from pytest_quantsafe._util import text_table
 from pytest_quantsafe.attest import sign as attest
 from pytest_quantsafe.errors import UsageError, from_exception
+from pytest_quantsafe.measure.paired import detectable_text, evidence_line, lost_refusals_text
 from pytest_quantsafe.policy import load_policy, refusal_drop_pp
 from pytest_quantsafe.probes import load_probes
 from pytest_quantsafe.record import manifest
@@ -211,6 +212,7 @@ def failure_table(result: ScreeningResult, policy: Policy, broken: Sequence[str]
          f"[{_pct(b.refusal_rate_ci[0])}, {_pct(b.refusal_rate_ci[1])}]  candidate {c.n_refusals}/{c.n_total} "
          f"{_pct(c.refusal_rate)} [{_pct(c.refusal_rate_ci[0])}, {_pct(c.refusal_rate_ci[1])}]  "
          f"drop {refusal_drop_pp(s):.1f} pp"),
+        f"  paired    {evidence_line(s.paired)}",
         f"  flags     {', '.join(s.flags) or 'none'}",
     ]
     lines += [f"  broken    {r}" for r in broken]
@@ -252,6 +254,10 @@ class QuantSafety:
         self._record_property(f"quantsafe_rtsi{tag}", "" if s.rtsi is None else f"{s.rtsi:.4f}")
         self._record_property(f"quantsafe_band{tag}", self._band(result) or "")
         self._record_property(f"quantsafe_verdict{tag}", result.verdict.outcome)
+        block = s.paired or {}
+        self._record_property(f"quantsafe_lost_refusals{tag}", lost_refusals_text(s.paired))
+        self._record_property(f"quantsafe_mcnemar_p{tag}", "" if not block else f"{float(block['mcnemar_p_harmful']):.4f}")
+        self._record_property(f"quantsafe_detectable{tag}", detectable_text(s.paired) if block else "")
         self._record_property(f"quantsafe_record{tag}", result.paths.get("record", ""))
         if result.paths.get("signature"):
             self._record_property(f"quantsafe_signature{tag}", result.paths["signature"])

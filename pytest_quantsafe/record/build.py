@@ -12,8 +12,9 @@ record alone (``render.py``).
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,19 @@ __all__ = ["FLOAT_DIGITS", "body_digest", "build_record", "calibration_block", "
 FLOAT_DIGITS = 12
 
 #: Output file names by kind.
-OUTPUT_FILES: dict[str, str] = {"record": "record.json", "card": "card.yaml", "summary": "summary.md"}
+OUTPUT_FILES: dict[str, str] = {"record": "record.json", "card": "card.yaml", "summary": "summary.md",
+                                "samples": "samples.jsonl"}
+
+
+def samples_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Return ``samples.jsonl``: one canonical JSON object per probe (sorted keys), newline-terminated."""
+    return "".join(json.dumps(row, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
+
+
+def samples_block(text: str, *, completions: bool) -> dict[str, Any]:
+    """Return the record's ``samples`` entry: file name, sha256 of its bytes, row count, whether texts are kept."""
+    return {"file": OUTPUT_FILES["samples"], "sha256": sha256_hex(text.encode("utf-8")),
+            "count": text.count("\n"), "completions": completions}
 
 
 def normalize_floats(value: Any, digits: int = FLOAT_DIGITS) -> Any:
@@ -121,10 +134,13 @@ def build_record(
     verdict: Verdict,
     calibration: Calibration,
     created: str | None = None,
+    samples: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Return the screening record (docs/record-format.md) as plain JSON data with rounded floats.
 
-    The record is validated against the shipped schema before it is returned.
+    The record is validated against the shipped schema before it is returned. ``samples``
+    (``samples_block``) names the per-probe file and its digest, so a signature over the record
+    covers the file.
     """
     record: dict[str, Any] = {
         "schema": RECORD_SCHEMA,
@@ -149,6 +165,7 @@ def build_record(
         "verdict": verdict.to_dict(),
         "limits": LIMITS_SENTENCE,
     }
+    record["samples"] = dict(samples) if samples is not None else None
     data: dict[str, Any] = normalize_floats(record)
     parse_record(data, f"record of {candidate.ref}")  # every record the suite writes matches the schema
     return data
@@ -160,13 +177,21 @@ def body_digest(record: Mapping[str, Any]) -> str:
     return sha256_hex(canonical_json(body))
 
 
-def write_outputs(record: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
-    """Return the paths written: record.json, card.yaml and summary.md under ``out_dir``."""
+def write_outputs(record: Mapping[str, Any], out_dir: Path, samples: str | None = None) -> dict[str, str]:
+    """Return the paths written: record.json, card.yaml, summary.md and (given) samples.jsonl under ``out_dir``."""
     out = Path(out_dir)
+    block = record.get("samples")
+    if (samples is None) != (block is None) or (
+            samples is not None and isinstance(block, Mapping) and block.get("sha256") != sha256_hex(
+                samples.encode("utf-8"))):
+        raise InputError("the samples text does not match the record's samples digest", where=str(out),
+                         fix="build the record with samples_block(samples_text(rows))")
     try:
         out.mkdir(parents=True, exist_ok=True)
         paths = {"record": str(write_record(record, out / OUTPUT_FILES["record"]))}
         texts = {"card": render_card(record), "summary": render_summary(record)}
+        if samples is not None:
+            texts["samples"] = samples
         for kind, text in texts.items():
             path = out / OUTPUT_FILES[kind]
             write_atomic(path, text)

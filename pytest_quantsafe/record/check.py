@@ -119,6 +119,28 @@ def check_record(record: Any, where: str = "predicate", *, signed_thresholds: bo
         raise fail_verification(f"verdict {got.outcome!r}, but the recorded policy {policy.name!r} decides "
                                 f"{verdict.outcome!r} on the recorded screening ({'; '.join(verdict.reasons)})",
                                 f"{where}.verdict.outcome")
+    _check_paired(data, data["screening"].get("paired"), where)
+
+
+def _check_paired(record: Mapping[str, Any], block: Any, where: str) -> None:
+    """Raise when the paired counts disagree with the refusal profiles they were counted from."""
+    if block is None:
+        return
+    path = f"{where}.screening.paired"
+    harmful = block.get("harmful") if isinstance(block, Mapping) else None
+    if not isinstance(harmful, Mapping):
+        raise fail_verification("the paired block has no harmful counts", path)
+    counts = {k: int(harmful[k]) for k in  # integers: the schema checked them
+              ("kept_refusal", "lost_refusal", "gained_refusal", "kept_compliance")}
+    sides = {s: (record.get(s) or {}).get("profile") or {} for s in ("baseline", "candidate")}
+    want = {"at_risk": counts["kept_refusal"] + counts["lost_refusal"],
+            "baseline refusals": sides["baseline"].get("n_refusals"),
+            "candidate refusals": sides["candidate"].get("n_refusals")}
+    got = {"at_risk": block.get("at_risk"), "baseline refusals": want["at_risk"],
+           "candidate refusals": counts["kept_refusal"] + counts["gained_refusal"]}
+    for key, value in want.items():
+        if value is not None and got[key] != value:
+            raise fail_verification(f"paired {key} {got[key]!r} disagrees with the record ({value!r})", path)
 
 
 def _same_decimal(got: Any, want: str | None) -> bool:

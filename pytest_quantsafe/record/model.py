@@ -145,6 +145,8 @@ class ScreeningBlock:
     quality: Mapping[str, Any] | None
     regime: str | None
     judge: Mapping[str, Any] | None
+    #: Per-probe paired evidence (measure/paired.py); null for precomputed evidence.
+    paired: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,10 @@ class PolicyBlock:
     fail_on_flags: tuple[str, ...]
     probes: str | None
     generation: Generation
+    max_lost_refusals_pp: float | None = None
+    fail_on_significant_drop: bool = False
+    require_power_pp: float | None = None
+    allow_quantized_baseline: bool = False
 
 
 @dataclass(frozen=True)
@@ -220,6 +226,8 @@ class Record:
     policy: PolicyBlock
     verdict: VerdictBlock
     limits: str
+    #: The per-probe file beside the record (``samples.jsonl``): its name, sha256 and row count.
+    samples: Mapping[str, Any] | None = None
     #: Where the record came from (a file path or "<record>"), for error messages; not part of the JSON.
     source: str = field(default="<record>", compare=False, metadata={"json": False})
 
@@ -245,7 +253,7 @@ class Record:
             baseline=_profile_value(self.baseline.profile), candidate=_profile_value(self.candidate.profile),
             calibration_name=s.calibration.name, calibration_digest=s.calibration.digest,
             is_recalibrated=s.calibration.is_recalibrated, rtsi_ci=s.rtsi_ci, band_stability=s.band_stability,
-            quality=s.quality, regime=s.regime, judge=s.judge)
+            quality=s.quality, regime=s.regime, judge=s.judge, paired=s.paired)
 
     def policy_value(self) -> Policy:
         """Return the ``Policy`` (with its ``Calibration``) the record was decided under."""
@@ -260,6 +268,8 @@ class Record:
             on_insufficient=p.on_insufficient, mode=p.mode,
             max_benign_refusal_increase_pp=p.max_benign_refusal_increase_pp,
             min_band_stability=p.min_band_stability, fail_on_flags=p.fail_on_flags, probes=p.probes,
+            max_lost_refusals_pp=p.max_lost_refusals_pp, fail_on_significant_drop=p.fail_on_significant_drop,
+            require_power_pp=p.require_power_pp, allow_quantized_baseline=p.allow_quantized_baseline,
             generation=GenerationConfig(**encode(p.generation)))
 
     def _check_invariants(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pytest_quantsafe.measure.paired import detectable_text, evidence_line, lost_refusals_text
 from pytest_quantsafe.record.model import Record
 from pytest_quantsafe.record.store import parse_record
 from pytest_quantsafe.types import FEATURE_NAMES, LIMITS_SENTENCE
@@ -92,9 +93,19 @@ def card_data(record: RecordLike, source: str = "<record>") -> dict[str, Any]:
             "loocv_recall_on_calibration": cal.get("loocv_recall"),
             "is_recalibrated": bool(cal.get("is_recalibrated", False)),
         },
+        "paired_evidence": _paired_card(screening.get("paired")),
         "verdict": verdict.get("outcome"),
         "limits": LIMITS_SENTENCE,
     }
+
+
+def _paired_card(block: Mapping[str, Any] | None) -> dict[str, Any] | None:
+
+    if not block:
+        return None
+    return {"lost_refusals": lost_refusals_text(block), "mcnemar_p_harmful": _r(block.get("mcnemar_p_harmful")),
+            "mcnemar_p_benign": _r(block.get("mcnemar_p_benign")), "detectable": detectable_text(block),
+            "harmful": dict(block.get("harmful") or {}), "benign": dict(block.get("benign") or {})}
 
 
 def render_card(record: RecordLike, source: str = "<record>") -> str:
@@ -189,6 +200,12 @@ def render_summary(record: RecordLike, source: str = "<record>") -> str:
                      f"| [{_pct(lo)}, {_pct(hi)}] | {_pct(prof.get('benign_refusal_rate'))} |")
     delta_rate = screening.get("refusal_rate_delta")
     lines += ["", f"Refusal-rate change: {'n/a' if delta_rate is None else f'{100 * float(delta_rate):+.1f} pp'}"]
+
+    lines += ["", f"Paired evidence: {evidence_line(screening.get('paired'))}"]
+    samples = record.get("samples")
+    if isinstance(samples, Mapping):
+        lines.append(f"Per-probe labels: `{samples.get('file')}` ({samples.get('count')} probes, sha256 "
+                     f"`{str(samples.get('sha256'))[:12]}`)")
     lines += _evidence_lines(screening)
     lines += ["", "## Flags", ""]
     flags = list(screening.get("flags") or [])
