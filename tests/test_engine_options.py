@@ -29,6 +29,7 @@ pytest_plugins = ["pytester"]
 
 SECRET = "sk-quantsafe-test-5f1d2c9b7a"
 DIGEST = "cd" * 32
+OTHER_DIGEST = "ef" * 32
 
 
 def test_values_are_typed_by_the_engine_table() -> None:
@@ -192,14 +193,23 @@ def test_cli_screens_a_keyed_endpoint_with_a_pinned_digest(keyed_server: str, tm
     out = tmp_path / "out"
     env = {**os.environ, "MY_KEY": SECRET, "QUANTSAFE_CACHE": str(tmp_path / "cache")}
     proc = _run_cli("screen", "--baseline", f"{keyed_server}#base", "--candidate", f"{keyed_server}#cand",
-                    "--engine", "openai", "--engine-option", f"digest={DIGEST}", "--engine-option",
-                    "api_key_env=MY_KEY", "--engine-option", "concurrency=2", "--max-probes", "6",
+                    "--engine", "openai", "--engine-option", f"digest=base={DIGEST};cand={OTHER_DIGEST}",
+                    "--engine-option", "api_key_env=MY_KEY", "--engine-option", "concurrency=2",
+                    "--engine-option", "baseline_precision=bf16", "--max-probes", "6",
                     "--no-progress", "--out", str(out), env=env)
     assert proc.returncode in (0, 1, 3), proc.stderr
     assert "Traceback" not in proc.stderr
     assert _KeyedServer.seen and set(_KeyedServer.seen) == {f"Bearer {SECRET}"}
     record = json.loads(next(out.glob("*/record.json")).read_text())
     assert record["candidate"]["artifact"]["metadata"]["digest_pinned"] == "true"
+    assert record["candidate"]["artifact"]["metadata"]["weights_sha256"] == OTHER_DIGEST
+    assert record["baseline"]["artifact"]["metadata"]["weights_sha256"] == DIGEST
+    # one digest for two model ids says both sides are the same weights: refused before generation
+    same = _run_cli("screen", "--baseline", f"{keyed_server}#base", "--candidate", f"{keyed_server}#cand",
+                    "--engine", "openai", "--engine-option", f"digest={DIGEST}", "--engine-option",
+                    "api_key_env=MY_KEY", "--max-probes", "6", "--no-progress", "--out", str(tmp_path / "same"),
+                    env=env)
+    assert same.returncode == 2 and "own content digest" in same.stderr and "Traceback" not in same.stderr
     for path in [*out.rglob("*"), *(tmp_path / "cache").rglob("*")]:
         if path.is_file():
             assert SECRET not in path.read_text(encoding="utf-8", errors="replace"), path

@@ -287,17 +287,21 @@ SECRET = "sk-quantsafe-fresh-3e8a1f0c"
 
 @pytest.fixture(scope="module")
 def keyed_llama_server(smollm2_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Yield the /v1 URL of a real ``python -m llama_cpp.server`` on 127.0.0.1 serving SmolLM2 F16 behind an API key."""
+    """Yield the /v1 URL of a real ``python -m llama_cpp.server`` on 127.0.0.1 serving SmolLM2 F16 and Q2_K
+    (model ids ``smollm2-f16``, ``smollm2-q2_k``) behind an API key."""
     pytest.importorskip("llama_cpp.server.app")
     from tests.test_openai import _free_port
 
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
+    folder = tmp_path_factory.mktemp("server")
+    log = folder / "server.log"
+    models = [{"model": str(smollm2_files[q]), "model_alias": f"smollm2-{q.lower()}", "n_threads": 1, "n_ctx": 2048,
+               "seed": 0} for q in ("F16", "Q2_K")]
+    config = folder / "config.json"
+    config.write_text(json.dumps({"host": "127.0.0.1", "port": port, "api_key": SECRET, "models": models}))
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_files["F16"]), "--host", "127.0.0.1",
-             "--port", str(port), "--n_threads", "1", "--n_ctx", "2048", "--seed", "0", "--model_alias",
-             "smollm2-f16", "--api_key", SECRET],
+            [sys.executable, "-m", "llama_cpp.server", "--config_file", str(config)],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     url = f"http://127.0.0.1:{port}/v1"
     try:
@@ -329,15 +333,17 @@ def test_action_openai_profile_with_digest_and_key(tmp_path: Path, tool_cache: P
     says digest_pinned, the key is in no file the job wrote and in no log line (add-mask aside)."""
     from pytest_quantsafe._util import file_sha256
 
-    digest = file_sha256(smollm2_files["F16"])
+    base_digest, digest = file_sha256(smollm2_files["F16"]), file_sha256(smollm2_files["Q2_K"])
     workspace = tmp_path / "job" / "workspace"
     workspace.mkdir(parents=True)
     probes = _probe_subset(workspace / "probes.jsonl", 6, 3)
-    ref = f"{keyed_llama_server}#smollm2-f16"
     env = _clean_env(QUANTSAFE_CACHE=str(empty_cache), HOME=os.environ.get("HOME", str(tmp_path)))
-    job = ActionJob(tmp_path / "job", {"baseline": ref, "candidates": ref, "engine": "openai", "sign": "false",
-                                       "probes": str(probes), "policy": "advisory", "api-key": SECRET,
-                                       "engine-options": f"digest={digest}\nconcurrency=2", "llama-cmake-args": ""},
+    job = ActionJob(tmp_path / "job", {"baseline": f"{keyed_llama_server}#smollm2-f16",
+                                       "candidates": f"{keyed_llama_server}#smollm2-q2_k", "engine": "openai",
+                                       "sign": "false", "probes": str(probes), "policy": "advisory",
+                                       "api-key": SECRET, "engine-options":
+                                       f"digest=smollm2-f16={base_digest};smollm2-q2_k={digest}\nconcurrency=2",
+                                       "llama-cmake-args": ""},
                     env, tool_cache)
     job.run_all()
     log = "\n".join(job.log)

@@ -84,14 +84,9 @@ class OpenAIEngine:
             raise UsageError(f"timeout must be positive, got {timeout}", where="engine option timeout")
         if retries < 0:
             raise UsageError(f"retries must be >= 0, got {retries}", where="engine option retries")
-        if digest is not None:
-            digest = digest.lower().removeprefix("sha256:")
-            if not _HEX64.match(digest):
-                raise UsageError(f"digest {digest!r} is not a sha256 hex digest", where="engine option digest",
-                                 fix="pass the sha256 of the served weights (64 hex characters)")
         self.model = model
         self.quantization = quantization or "unknown"
-        self.digest = digest
+        self.digest, self.digests = _parse_digest(digest)
         # The key comes from the environment (front doors never take it as an option), and
         # it is held only for the Authorization header: never logged, never recorded.
         self.api_key = api_key or os.environ.get(api_key_env) or None
@@ -191,8 +186,9 @@ class OpenAIEngine:
         elif served and model not in served:
             raise ModelLoadError(f"the endpoint does not serve model {model!r}", where=f"{base}#{model}",
                                  fix=f"choose one of: {', '.join(served[:10])}")
-        pinned = self.digest is not None
-        sha = self.digest or sha256_hex(canonical_json({"endpoint": base, "model": model}))
+        stated = self.digests.get(model, self.digest)
+        pinned = stated is not None
+        sha = stated or sha256_hex(canonical_json({"endpoint": base, "model": model}))
         metadata = {"endpoint": base, "model_id": model, "digest_pinned": str(pinned).lower()}
         if pinned:
             metadata["weights_sha256"] = sha
@@ -265,6 +261,35 @@ class OpenAIEngine:
 
 
 #: The options of ``create`` and their types (engines/options.py types ``KEY=VALUE`` strings by it).
+def _sha256_hex(text: str) -> str:
+    value = text.strip().lower().removeprefix("sha256:")
+    if not _HEX64.match(value):
+        raise UsageError(f"digest {text!r} is not a sha256 hex digest", where="engine option digest",
+                         fix="pass the sha256 of the served weights (64 hex characters), or MODEL=SHA256;MODEL=SHA256 "
+                         "for the baseline's and the candidate's model ids")
+    return value
+
+
+def _parse_digest(digest: str | None) -> tuple[str | None, dict[str, str]]:
+    """Return (one digest for every model, {model id: digest}) of the ``digest`` option.
+
+    ``digest=SHA256`` pins the one model an endpoint serves; ``digest=base=SHA;cand=SHA`` pins
+    each model id of a screening (a baseline and a candidate never share weights).
+    """
+    if digest is None:
+        return None, {}
+    if "=" not in digest:
+        return _sha256_hex(digest), {}
+    per_model: dict[str, str] = {}
+    for item in (part.strip() for part in digest.split(";")):
+        model_id, sep, value = item.rpartition("=")
+        if not item or not sep or not model_id.strip():
+            raise UsageError(f"digest entry {item!r} is not MODEL=SHA256", where="engine option digest",
+                             fix="write digest=MODEL=SHA256;MODEL=SHA256 (model ids as in the #model part of the URL)")
+        per_model[model_id.strip()] = _sha256_hex(value)
+    return None, per_model
+
+
 OPTIONS: dict[str, type] = {"model": str, "digest": str, "api_key_env": str, "quantization": str,
                             "concurrency": int, "timeout": float, "retries": int, "backoff": float,
                             "max_backoff": float, "threads": int}

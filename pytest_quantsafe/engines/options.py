@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from pytest_quantsafe.engines.base import ENGINES
+from pytest_quantsafe.engines.pairing import PRECISION_OPTION
 from pytest_quantsafe.errors import UsageError
 
 _TRUE = ("1", "true", "yes", "on")
@@ -27,10 +28,15 @@ SECRET_OPTIONS = {"api_key": "export the key in an environment variable and pass
                              "(default OPENAI_API_KEY); the key is never an option, a log line or a record field"}
 
 
+#: Options of the screening rather than of one engine, accepted with every engine.
+SCREENING_OPTIONS: dict[str, type] = {PRECISION_OPTION: str}
+
+
 def option_table(engine: str) -> dict[str, type]:
-    """Return {option: type} of ``engine`` ("auto": every engine's options, a key valid for any of them)."""
+    """Return {option: type} of ``engine`` ("auto": every engine's options, a key valid for any of them),
+    plus the screening-level options (``baseline_precision``)."""
     names = sorted(ENGINES) if engine == "auto" else [engine]
-    table: dict[str, type] = {}
+    table: dict[str, type] = dict(SCREENING_OPTIONS)
     for name in names:
         if name not in ENGINES:
             raise UsageError(f"unknown engine {name!r}", where="engine", fix=f"choose one of {', '.join(sorted(ENGINES))}")
