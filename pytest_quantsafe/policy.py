@@ -94,15 +94,9 @@ def _where(source: str, lines: Mapping[str, int], key: str) -> str:
 
 
 def _parse(text: str, source: str) -> tuple[Any, dict[str, int]]:
-    import yaml
+    from pytest_quantsafe.score.calibration import load_yaml
 
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        from pytest_quantsafe.score.calibration import yaml_syntax_error
-
-        raise yaml_syntax_error(exc, source, "policy") from None
+    data, root = load_yaml(text, source, "policy")
     return data, _key_lines(root, source)
 
 
