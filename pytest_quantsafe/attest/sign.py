@@ -93,7 +93,7 @@ def subjects_from_paths(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """Return subjects for files given on the command line; a directory gives one per weight file."""
     subjects: list[dict[str, Any]] = []
     for raw in paths:
-        path = Path(raw)
+        path = _util.safe_path(raw, "artifact file")
         if path.is_dir():
             weights = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES)
             if not weights:

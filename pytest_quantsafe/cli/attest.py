@@ -45,7 +45,8 @@ def register(subparsers: Any) -> None:
         "verify", help="verify a signed screening record against the artifact, pinned signer and root",
         description="Verify a quantsafe attestation: signature, pinned issuer + identity (or pinned key), "
                     "payload type, predicateType, subject digests and the record's consistency. Exit 4 on "
-                    "any failure.")
+                    "any verification failure, a missing or unreadable bundle or artifact included; exit 2 "
+                    "only for a usage error (no pinned signer, conflicting flags).")
     v.add_argument("bundle", help="<artifact>.quantsafe.sigstore.json (keyless) or .quantsafe.dsse.json (--key)")
     v.add_argument("--artifact", nargs="+", required=True, metavar="PATH",
                    help="the released artifact file(s) or model directory")
@@ -124,6 +125,15 @@ def _attest(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    try:
+        return _verify_checked(args)
+    except InputError as exc:
+        # A bundle or artifact that cannot be read is a verification that did not pass: exit 4,
+        # as the help says, whichever of the two is missing.
+        raise VerificationFailed(exc.message, where=exc.where, fix=exc.fix) from None
+
+
+def _verify_checked(args: argparse.Namespace) -> int:
     from pytest_quantsafe.attest.verify import SignerPolicy, verify_keyless, verify_with_key
     from pytest_quantsafe.errors import UsageError
     from pytest_quantsafe.types import LIMITS_SENTENCE

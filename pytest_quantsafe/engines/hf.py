@@ -35,7 +35,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pytest_quantsafe._util import file_sha256
+from pytest_quantsafe._util import file_sha256, safe_path
 from pytest_quantsafe.engines.base import OnResult
 from pytest_quantsafe.errors import EngineError, ModelLoadError, UsageError
 from pytest_quantsafe.types import Artifact, ArtifactFile, Completion, GenerationConfig, Probe, sha256_hex
@@ -166,7 +166,7 @@ class HFEngine:
         if ref.startswith("hf://"):
             folder, meta = self._hub_snapshot(ref)
         else:
-            folder = Path(ref)
+            folder = safe_path(ref, "model checkpoint")
         gguf_name = self.gguf_file
         if folder.is_file() and folder.suffix.lower() == ".gguf":
             folder, gguf_name = folder.parent, folder.name

@@ -49,7 +49,7 @@ def assert_refused(code: int, err: str, expected: int, *, names: Sequence[str] =
                    fix: bool = True) -> None:
     """Assert the documented exit code, no traceback, and that stderr names each of ``names`` and a fix."""
     assert code == expected, f"exit {code}, expected {expected}; stderr:\n{err[-3000:]}"
-    assert "Traceback" not in err, err[-3000:]
+    assert "Traceback (most recent call last)" not in err, err[-3000:]
     for name in names:
         assert name in err, f"stderr does not name {name!r}:\n{err[-3000:]}"
     if fix:

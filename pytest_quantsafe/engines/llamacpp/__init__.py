@@ -38,7 +38,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from pytest_quantsafe._util import file_sha256
+from pytest_quantsafe._util import file_sha256, safe_path
 from pytest_quantsafe.engines.base import OnResult
 from pytest_quantsafe.engines.llamacpp.gguf_metadata import GGUFInfo, file_type_label, read_gguf, render_chat
 from pytest_quantsafe.errors import EngineError, ModelLoadError
@@ -235,7 +235,7 @@ class LlamaCppEngine:
         return f"llama.cpp/{llama_cpp_version()}+{llama_cpp_build()}"
 
     def _info(self, path: Path) -> GGUFInfo:
-        key = str(path.resolve())
+        key = str(safe_path(path, "model file"))
         if key not in self._infos:
             self._infos[key] = read_gguf(path)
         return self._infos[key]
@@ -252,17 +252,17 @@ class LlamaCppEngine:
 
     def resolve(self, ref: str) -> Artifact:
         """Return the artifact for a .gguf path: sha256, quantization, tensor types and metadata digests."""
-        path = Path(ref).expanduser()
+        path = safe_path(ref, "model file")
         info = self._info(path)
-        template, source = self._template(info, str(path))
+        template, source = self._template(info, ref)
         stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
         if key not in self._digests:
             self._digests[key] = file_sha256(path)
         return Artifact(
             ref=ref,
             format="gguf",
-            files=(ArtifactFile(path=str(path.resolve()), sha256=self._digests[key], size=stat.st_size),),
+            files=(ArtifactFile(path=str(path), sha256=self._digests[key], size=stat.st_size),),
             quantization=info.file_type,
             name=info.name,
             metadata={
