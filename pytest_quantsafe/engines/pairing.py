@@ -4,14 +4,16 @@ RTSI compares the refusal shape of a quantized candidate with its own full-preci
 baseline. A pair from different model families (another architecture, another
 vocabulary, another tokenizer) is not a drift measurement at all; the paper's A.11
 case shows what happens when such a comparison is scored anyway. Such pairs are
-refused with ``CategoryMismatchError`` (exit code 2) before any generation.
+refused with ``CategoryMismatchError`` (exit code 2) before any generation. So is a
+"pair" that is one file twice (same content digest): it measures nothing and would
+always pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from pytest_quantsafe.errors import CategoryMismatchError
+from pytest_quantsafe.errors import CategoryMismatchError, InputError
 from pytest_quantsafe.types import Artifact
 
 #: Artifact metadata keys that identify the base model family, with what each means.
@@ -37,6 +39,12 @@ def check_matched_pair(baseline: Artifact, candidate: Artifact) -> None:
     transformers class name are spelled differently), so across formats only the
     vocabulary size is compared.
     """
+    if baseline.digest and baseline.files and baseline.digest == candidate.digest:
+        raise InputError(
+            f"baseline and candidate are the same model (same content digest {baseline.digest[:12]}): "
+            "a model compared with itself measures no drift and would always pass",
+            where=f"baseline {baseline.ref} / candidate {candidate.ref}",
+            fix="pass the full-precision checkpoint as --baseline and the quantized file as --candidate")
     base_id, cand_id = identity(baseline), identity(candidate)
     keys = [k for k in IDENTITY_KEYS if k in base_id and k in cand_id]
     if baseline.format != candidate.format:
