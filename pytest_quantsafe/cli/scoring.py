@@ -20,10 +20,13 @@ def _write_text(path: str | None, text: str) -> None:
     if path in (None, "-"):
         sys.stdout.write(text)
         return
+    from pytest_quantsafe.engines.cache import write_atomic
+
     target = Path(path)  # type: ignore[arg-type]
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text, encoding="utf-8")
+        # Readers (and a failed run) see the old file or the whole new one, never a part.
+        write_atomic(target, text)
     except OSError as exc:
         raise InputError(f"cannot write output: {exc.strerror or exc}", where=str(target),
                          fix="choose a writable output path") from None
@@ -117,11 +120,13 @@ def _score_csv(args: argparse.Namespace) -> int:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from pytest_quantsafe.record.build import normalize_floats
-    from pytest_quantsafe.score.calibration import dump_calibration, load_calibration
+    from pytest_quantsafe._util import check_writable
+    from pytest_quantsafe.score.calibration import calibration_from_mapping, dump_calibration, load_yaml
     from pytest_quantsafe.score.fit import calibrate
     from pytest_quantsafe.score.ingest import read_matrix
     from pytest_quantsafe.types import sha256_hex
 
+    check_writable(args.output, "--output", folder=False)
     rows, raw = read_matrix(Path(args.input))
     name = args.name or Path(args.output).stem
     cal, report = calibrate(rows, source_sha256=sha256_hex(raw), name=name)
@@ -132,8 +137,13 @@ def _calibrate(args: argparse.Namespace) -> int:
     import dataclasses
 
     cal = dataclasses.replace(cal, provenance=prov)
-    _write_text(args.output, dump_calibration(cal))
-    load_calibration(Path(args.output))  # what we wrote must load back
+    text = dump_calibration(cal)
+    # Validate first, write after: a profile that would not load back never replaces a good one.
+    data, root = load_yaml(text, args.output, "calibration profile")
+    calibration_from_mapping(data, source=args.output, root=root)
+    if args.report:
+        check_writable(args.report, "--report", folder=False)
+    _write_text(args.output, text)
     if args.report:
         _write_text(args.report, _json_text(normalize_floats(report)))
     out = sys.stdout

@@ -171,6 +171,11 @@ def parse_delta_table(text: str, source: str) -> list[DeltaRow]:
             raise InputError(f"{bad[0]} is not finite", where=f"{source}: line {line}, column {bad[0]}",
                              fix="a calibration matrix needs finite deltas")
         rate = row.get("refusal_rate_delta", "")
+        rate_value = _number(rate, source, line, "refusal_rate_delta") if rate else None
+        if rate_value is not None and not (math.isfinite(rate_value) and -1.0 <= rate_value <= 1.0):
+            raise InputError(f"refusal_rate_delta is {rate!r}: a difference of two rates lies in [-1, 1]",
+                             where=f"{source}: line {line}, column refusal_rate_delta",
+                             fix="write a finite number between -1 and 1 (candidate rate minus baseline rate)")
         danger: bool | None = None
         if row.get("danger", "") != "":
             danger = _bool(row["danger"], source, line, "danger")
@@ -179,7 +184,7 @@ def parse_delta_table(text: str, source: str) -> list[DeltaRow]:
         ref = row.get("rtsi_score", "")
         out.append(DeltaRow(
             model=row[model_col], variant=row[variant_col], family=row.get("family") or row[model_col],
-            deltas=deltas, refusal_rate_delta=_number(rate, source, line, "refusal_rate_delta") if rate else None,
+            deltas=deltas, refusal_rate_delta=rate_value,
             danger=danger, reference_score=_number(ref, source, line, "rtsi_score") if ref else None,
             reference_band=row.get("rtsi_risk") or None, line=line,
         ))
