@@ -47,12 +47,17 @@ def _read_json(path: str, what: str, max_bytes: int | None = None) -> Any:
     if max_bytes is not None and len(raw) > max_bytes:
         raise InputError(f"{what} is {len(raw)} bytes, over the {max_bytes}-byte cap", where=path,
                          fix="send aggregate features only")
+    def reject(name: str) -> Any:
+        raise ValueError(f"{name} is not a number JSON allows (NaN/Infinity)")
+
     try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return json.loads(raw.decode("utf-8"), parse_constant=reject)
+    except RecursionError:
+        raise InputError(f"{what} is nested too deeply", where=path, fix="pass the file quantsafe wrote") from None
+    except (UnicodeDecodeError, ValueError) as exc:
         line = getattr(exc, "lineno", None)
         raise InputError(f"{what} is not valid JSON: {exc}", where=f"{path}" + (f": line {line}" if line else ""),
-                         fix="fix the JSON syntax") from None
+                         fix="write strict JSON (no NaN or Infinity) as quantsafe writes it") from None
 
 
 def _limits() -> str:
@@ -109,8 +114,12 @@ def _score_csv(args: argparse.Namespace) -> int:
     sys.stderr.write(f"scored {len(cells)} cells: LOW {bands['LOW']}, MODERATE {bands['MODERATE']}, "
                      f"HIGH {bands['HIGH']}, insufficient_data {len(insufficient)} -> {args.output}\n")
     for cell in insufficient:
-        sys.stderr.write(f"  insufficient_data: {cell['cell_id']} (line {cell['line']}): "
-                         f"{', '.join(f for f in cell['flags'] if f != 'insufficient_data')}\n")
+        flags = [f for f in cell["flags"] if f != "insufficient_data"]
+        sys.stderr.write(f"  insufficient_data: {cell['cell_id']} (line {cell['line']}): {', '.join(flags)}\n"
+                         f"  where: {args.input}: line {cell['line']}\n")
+        if any(f.startswith("implausible:") for f in flags):
+            sys.stderr.write("  fix:   correct the implausible value (shares and rates in [0, 1], counts whole, "
+                             "mean refusal length at most 100000 tokens)\n")
     sys.stderr.write(_limits() + "\n")
     return EXIT_INSUFFICIENT if insufficient else EXIT_PASS
 

@@ -205,13 +205,17 @@ def _split_cell(cell_id: str, row: Mapping[str, str]) -> tuple[str, str] | None:
 def implausible_level_flags(features: Mapping[str, float], n_refusals: int | None, n_total: int | None,
                             refusal_rate: float | None) -> list[str]:
     """Return ``implausible:<field>`` flags for one cell's level values."""
+    from pytest_quantsafe.score.bounds import violation
+
     flags: list[str] = []
     for name, value in features.items():
-        if not math.isfinite(value) or value < 0 or (name != "mean_tokens_refusal" and value > 1):
+        if violation(name, value):
             flags.append(f"implausible:{name}")
-    if refusal_rate is not None and (not math.isfinite(refusal_rate) or not 0 <= refusal_rate <= 1):
+    if refusal_rate is not None and violation("refusal_rate", refusal_rate):
         flags.append("implausible:refusal_rate")
-    if (n_refusals is not None and n_refusals < 0) or (n_total is not None and n_total < 0) or n_refusals is not None and n_total is not None and n_refusals > n_total:
+    if (n_refusals is not None and violation("n_refusals", n_refusals)) \
+            or (n_total is not None and violation("n_total", n_total)) \
+            or (n_refusals is not None and n_total is not None and n_refusals > n_total):
         flags.append("implausible:n_refusals")
     return flags
 
