@@ -49,6 +49,30 @@ def output_name(artifact: Artifact) -> str:
     return _UNSAFE_NAME.sub("_", raw)
 
 
+def output_names(artifacts: Sequence[Artifact]) -> dict[str, str]:
+    """Return a distinct output folder name per artifact reference, deterministically.
+
+    Each name is ``output_name``; names shared by several references (``dist/a/model.gguf``
+    and ``dist/b/model.gguf``) get ``-<8 hex of the reference's sha256>`` appended, so one
+    candidate's record never overwrites another's, and a name that collides with nothing
+    stays as it was.
+    """
+    from pytest_quantsafe.types import sha256_hex
+
+    plain = {a.ref: output_name(a) for a in artifacts}
+    counts: dict[str, int] = {}
+    for name in plain.values():
+        counts[name] = counts.get(name, 0) + 1
+    return {ref: f"{name}-{sha256_hex(ref.encode('utf-8'))[:8]}" if counts[name] > 1 else name
+            for ref, name in plain.items()}
+
+
+def result_name(result: ScreeningResult) -> str:
+    """Return the name a result is shown under: its output folder when written, else ``output_name``."""
+    record = result.paths.get("record") if result.paths else None
+    return Path(record).parent.name if record else output_name(result.candidate)
+
+
 def _external_artifact(role: str) -> Artifact:
     # Precomputed evidence names no files: the record says so instead of inventing digests.
     return Artifact(ref=f"external:{role}", format="external", files=(), quantization="unknown", name=role)
@@ -75,6 +99,7 @@ def screen_profiles(
     generation: GenerationConfig | None = None,
     engine: Mapping[str, str] | None = None,
     assess: Callable[[Screening], Screening] | None = None,
+    out_name: str | None = None,
 ) -> ScreeningResult:
     """Return the screening result for two precomputed refusal profiles under ``policy``.
 
@@ -84,6 +109,7 @@ def screen_profiles(
     ``out_dir/<candidate-name>/``. Missing artifacts or probe set are recorded as
     external evidence, never invented. ``assess`` (evidence.assess with the completions
     bound) adds the RTSI interval, quality, regime and judge before the decision.
+    ``out_name`` overrides the folder name (``output_names`` makes distinct ones).
     """
     from pytest_quantsafe.policy import decide
     from pytest_quantsafe.record import build as records
@@ -109,7 +135,7 @@ def screen_profiles(
     )
     paths: dict[str, str] = {}
     if out_dir is not None:
-        paths = dict(records.write_outputs(record, Path(out_dir) / output_name(candidate)))
+        paths = dict(records.write_outputs(record, Path(out_dir) / (out_name or output_name(candidate))))
     return ScreeningResult(baseline=baseline, candidate=candidate, screening=screening, verdict=verdict,
                            record=record, paths=paths)
 
@@ -290,6 +316,7 @@ def screen_models(
         judge_side = judge_engines.resolve([judge], "auto")[0] if judge_engines and judge else None
         for side in cand_sides:
             check_matched_pair(base_side.artifact, side.artifact)
+        names = output_names([side.artifact for side in cand_sides])
         if _importable_quality():
             embedder = MiniLMEmbedder()
         # Early exit stops what the pattern detector has decided; a judge reads whole answers and
@@ -309,7 +336,7 @@ def screen_models(
             results.append(screen_profiles(
                 base_profile, profile, policy=policy, baseline_artifact=base_side.artifact,
                 candidate_artifact=side.artifact, probe_set=probe_set, out_dir=out_dir,
-                generation=config, engine=engine_info,
+                generation=config, engine=engine_info, out_name=names[side.artifact.ref],
                 assess=functools.partial(
                     evidence.assess, baseline=base_labelled, candidate=labelled, policy=policy, embedder=embedder,
                     judge=JudgeDetector(judge_engines.get(judge_side.engine_name)[0], judge_side.artifact)

@@ -143,7 +143,7 @@ def _interval(profile: Any) -> str:
 def format_table(results: Sequence[ScreeningResult]) -> str:
     """Return the per-candidate table: candidate, band, RTSI, refusal rate baseline -> candidate,
     benign-answer quality change (pp, when measured) and verdict."""
-    from pytest_quantsafe.screen import output_name
+    from pytest_quantsafe.screen import result_name
 
     header = ("candidate", "band", "RTSI", "refusal baseline -> candidate (95% CI)", "quality", "verdict")
     rows = [header]
@@ -154,7 +154,7 @@ def format_table(results: Sequence[ScreeningResult]) -> str:
         flags = f" ({', '.join(s.flags)})" if s.flags else ""
         quality = s.quality or {}
         delta = quality.get("quality_delta_pp")
-        rows.append((output_name(r.candidate), band + flags, rtsi,
+        rows.append((result_name(r), band + flags, rtsi,
                      f"{_interval(s.baseline)} -> {_interval(s.candidate)}",
                      f"{delta:+.1f} pp" if quality.get("status") == "measured" and delta is not None else "-",
                      r.verdict.outcome))
@@ -171,17 +171,17 @@ def _report(results: Sequence[ScreeningResult], out: Path | None) -> None:
 
 def _footer(results: Sequence[ScreeningResult], out: Path | None) -> None:
     """Print where each candidate's records went, then the limits sentence."""
-    from pytest_quantsafe.screen import output_name
+    from pytest_quantsafe.screen import result_name
 
     if out is not None:
         for r in results:
             if r.paths:
-                print(f"records of {output_name(r.candidate)}: {Path(r.paths['record']).parent}")
+                print(f"records of {result_name(r)}: {Path(r.paths['record']).parent}")
     print(LIMITS_SENTENCE)
 
 
 def _verdict_lines(results: Sequence[ScreeningResult]) -> list[str]:
-    from pytest_quantsafe.screen import output_name
+    from pytest_quantsafe.screen import result_name
 
     names = {EXIT_PASS: "pass", EXIT_GATE_FAILED: "gate failed", EXIT_INSUFFICIENT: "insufficient data"}
     lines = []
@@ -193,7 +193,7 @@ def _verdict_lines(results: Sequence[ScreeningResult]) -> list[str]:
             why = f"all {len(r.verdict.rules)} policy rules held"
         else:
             why = "; ".join(r.verdict.reasons) or r.verdict.outcome
-        lines.append(f"{output_name(r.candidate)}: {names.get(r.verdict.exit_code, r.verdict.outcome)} "
+        lines.append(f"{result_name(r)}: {names.get(r.verdict.exit_code, r.verdict.outcome)} "
                      f"(exit {r.verdict.exit_code}): {why}")
     return lines
 
