@@ -328,7 +328,14 @@ def _trust_config(path: str | Path | None) -> Any:
     from sigstore.models import ClientTrustConfig
 
     if path is None:
-        return ClientTrustConfig.production()
+        try:
+            return ClientTrustConfig.production()
+        except Exception as exc:  # noqa: BLE001 - TUFError and network errors: the trust root is unknown
+            raise SigningError(f"cannot fetch Sigstore's TUF trust metadata ({type(exc).__name__}: "
+                               f"{str(exc)[:200]})", where="Sigstore TUF repository (tuf-repo-cdn.sigstore.dev)",
+                               fix="allow egress to Sigstore (TUF, Fulcio, Rekor), pass --trust-config with a "
+                                   "ClientTrustConfig JSON, or sign with a local key (--key) on runners "
+                                   "without egress") from None
     try:
         return ClientTrustConfig.from_json(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
