@@ -246,8 +246,11 @@ def test_broken_chat_template_file_is_named_as_that_file(tmp_path: Path, capsys:
                                                          smollm2_gguf: Path, content: bytes) -> None:
     template = tmp_path / "tpl.jinja"
     template.write_bytes(content)
-    code, _, err = run_cli(capsys, ["screen", "--baseline", str(smollm2_gguf), "--candidate", str(smollm2_gguf),
-                                    "--chat-template", str(template), "--no-progress",
+    from pytest_quantsafe.zoo import build_variant
+
+    code, _, err = run_cli(capsys, ["screen", "--baseline", str(build_variant("smollm2", "F16")),
+                                    "--candidate", str(smollm2_gguf), "--chat-template", str(template),
+                                    "--no-progress", "--max-probes", "1",
                                     "--cache-dir", str(tmp_path / "c")])
     assert_refused(code, err, 2, names=[str(template)])
     assert "tokenizer.chat_template" not in err

@@ -218,7 +218,7 @@ class LlamaCppEngine:
                  flash_attn: bool = True, timeout_s: float = 900.0, share_prefix: bool = True) -> None:
         self.threads = int(threads) if threads else default_threads()
         self.n_gpu_layers = n_gpu_layers
-        self.chat_template_option = _load_template_option(chat_template)
+        self.chat_template_option, self.chat_template_where = _load_template_option(chat_template)
         self.early_exit = bool(early_exit)
         self.use_extra_bufts = bool(use_extra_bufts)
         self.flash_attn = bool(flash_attn)
@@ -281,7 +281,7 @@ class LlamaCppEngine:
         """Return each probe rendered with the model's chat template (system prompt from ``config``)."""
         path = Path(artifact.files[0].path)
         info = self._info(path)
-        template, _ = self._template(info, str(path))
+        template, source = self._template(info, str(path))
         out = []
         for probe in probes:
             messages = [{"role": "user", "content": probe.prompt}]
@@ -290,8 +290,9 @@ class LlamaCppEngine:
             try:
                 out.append(render_chat(template, messages, bos_token=info.bos_token, eos_token=info.eos_token))
             except Exception as exc:  # jinja2 raises many kinds
-                raise ModelLoadError(f"the chat template cannot render probe {probe.id!r}: {exc}",
-                                     where=f"{path}: tokenizer.chat_template",
+                # Name the template that failed: the --chat-template file, else the GGUF's metadata.
+                where = self.chat_template_where if source == "option" else f"{path}: tokenizer.chat_template"
+                raise ModelLoadError(f"the chat template cannot render probe {probe.id!r}: {exc}", where=where,
                                      fix="pass a working template with the engine option chat_template") from exc
         return out
 
@@ -375,17 +376,39 @@ class LlamaCppEngine:
             self._worker = None
 
 
-def _load_template_option(value: str | None) -> str | None:
-    """Return the chat template given as an option: the file's text when it names a file."""
+def _load_template_option(value: str | None) -> tuple[str | None, str]:
+    """Return (the chat template given as an option, where it came from): a file's text when it names a file.
+
+    The template is compiled here, so a broken file is reported as that file (with its
+    line) before any model is read, not later as the GGUF's metadata.
+    """
     if value is None:
-        return None
+        return None, ""
+    where = "engine option chat_template"
+    text = value
     if "{" not in value and len(value) < 4096:
         path = Path(value).expanduser()
+        where = str(path)
         if not path.is_file():
             raise ModelLoadError(f"chat template file {value} does not exist", where=value,
                                  fix="pass a Jinja template string or the path of a file holding one")
-        return path.read_text(encoding="utf-8")
-    return value
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ModelLoadError(f"chat template file is not UTF-8 text (byte {exc.start})", where=where,
+                                 fix="save the Jinja chat template as UTF-8 text") from None
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read the chat template file: {exc.strerror or exc}", where=where,
+                                 fix="pass a readable Jinja template file") from None
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ModelLoadError(f"the chat template is not valid Jinja: {exc.message}", where=f"{where} (line {exc.lineno})",
+                             fix="fix the template syntax (a Hugging Face chat template is Jinja)") from None
+    return text, where
 
 
 def create(**options: Any) -> LlamaCppEngine:
