@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_quantsafe.engines.pairing import check_matched_pair
-from pytest_quantsafe.errors import ProbeSetError, UsageError
+from pytest_quantsafe.errors import ProbeSetError, PromptTooLongError, UsageError
 from pytest_quantsafe.types import (
     Artifact,
     Completion,
@@ -255,8 +255,14 @@ def _complete(side: _Side, probe_set: ProbeSet, config: GenerationConfig, cache:
                 done[completion.probe_id] = completion
                 bar.update(completion)
 
-            for completion in backend.generate(side.artifact, missing, config, on_result=on_result):
-                on_result(completion)  # a no-op for those the engine already reported
+            try:
+                for completion in backend.generate(side.artifact, missing, config, on_result=on_result):
+                    on_result(completion)  # a no-op for those the engine already reported
+            except PromptTooLongError as exc:
+                # Only here is the probe file known: name it, with the probe id and the context size.
+                raise PromptTooLongError(exc.message, probe_id=exc.probe_id,
+                                         where=f"{probe_set.source or probe_set.name}: probe {exc.probe_id}",
+                                         fix=exc.fix) from None
     log.info(bar.summary())
     lost = [p.id for p in probe_set.items if p.id not in done]
     if lost:

@@ -213,6 +213,7 @@ def test_plugin_bad_model_path_is_a_usage_error(pytester: pytest.Pytester, smoll
 # 10 -------------------------------------------------------------------------- prompt longer than context
 
 
+@pytest.mark.slow
 def test_prompt_longer_than_the_context_names_probe_file_id_and_context(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], smollm2_gguf: Path) -> None:
     probes = tmp_path / "long.jsonl"

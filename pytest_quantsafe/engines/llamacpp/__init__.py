@@ -41,7 +41,7 @@ from typing import Any
 from pytest_quantsafe._util import file_sha256, safe_path
 from pytest_quantsafe.engines.base import OnResult
 from pytest_quantsafe.engines.llamacpp.gguf_metadata import GGUFInfo, file_type_label, read_gguf, render_chat
-from pytest_quantsafe.errors import EngineError, ModelLoadError
+from pytest_quantsafe.errors import EngineError, ModelLoadError, PromptTooLongError
 from pytest_quantsafe.types import Artifact, ArtifactFile, Completion, GenerationConfig, Probe, sha256_hex
 
 __all__ = ["GGUFInfo", "LlamaCppEngine", "create", "default_threads", "file_type_label", "read_gguf",
@@ -337,6 +337,7 @@ class LlamaCppEngine:
         from pytest_quantsafe.measure.refusal import REFUSAL_OPENERS
 
         worker = self._ensure_loaded(path)
+        self._check_context(worker, probes, prompts, config, path)
         worker.send({"op": "generate", "items": [{"id": str(i), "prompt": p} for i, p in enumerate(prompts)],
                      "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size,
                      "seed": config.seed, "early_exit": self.early_exit, "openers": list(REFUSAL_OPENERS),
@@ -368,6 +369,22 @@ class LlamaCppEngine:
             raise EngineError(f"the llama.cpp worker returned no completion for {len(missing)} probes "
                               f"(first: {missing[0]!r})", fix="report this as a bug")
         return [results[i] for i in range(len(probes))]
+
+    def _check_context(self, worker: _Worker, probes: Sequence[Probe], prompts: Sequence[str],
+                       config: GenerationConfig, path: str) -> None:
+        """Raise PromptTooLongError when a prompt plus ``max_new_tokens`` exceeds the model's trained context."""
+        worker.send({"op": "count_tokens", "prompts": list(prompts)})
+        event = worker.receive(f"counting prompt tokens for {Path(path).name}")
+        n_ctx = int(event.get("n_ctx_train") or 0)
+        if n_ctx <= 0:
+            return
+        for probe, count in zip(probes, event.get("counts", [])):
+            if int(count) + config.max_new_tokens > n_ctx:
+                raise PromptTooLongError(
+                    f"probe {probe.id!r} is {count} tokens with the chat template; with max_new_tokens "
+                    f"{config.max_new_tokens} it needs {int(count) + config.max_new_tokens}, more than the context "
+                    f"of {Path(path).name} ({n_ctx} tokens)", probe_id=probe.id, where=f"probe {probe.id}",
+                    fix="shorten the probe's prompt (or lower generation.max_new_tokens in the policy)")
 
     def close(self) -> None:
         """End the worker process."""

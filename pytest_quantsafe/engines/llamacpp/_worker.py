@@ -376,6 +376,11 @@ def serve(channel: _Channel, stdin: IO[str]) -> int:
                     model = None
                 model = _Model(request)
                 channel.send({"event": "loaded", "info": model.info()})
+            elif op == "count_tokens":
+                if model is None:
+                    raise RuntimeError("count_tokens before load")
+                channel.send({"event": "counts", "counts": [len(model.tokenize(p)) for p in request["prompts"]],
+                              "n_ctx_train": model.info()["n_ctx_train"]})
             elif op == "generate":
                 if model is None:
                     raise RuntimeError("generate before load")
