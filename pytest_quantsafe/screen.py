@@ -323,6 +323,11 @@ def screen_models(
         for side in cand_sides:
             check_matched_pair(base_side.artifact, side.artifact)
         names = output_names([side.artifact for side in cand_sides])
+        if out_dir is not None:
+            from pytest_quantsafe._util import check_writable
+
+            for name in names.values():  # every output folder, before any generation
+                check_writable(Path(out_dir) / name, "output folder", folder=True)
         if _importable_quality():
             embedder = MiniLMEmbedder()
         # Early exit stops what the pattern detector has decided; a judge reads whole answers and

@@ -149,6 +149,9 @@ def prepare(environ: Mapping[str, str], root: Path) -> dict[str, str]:
     out = _env(environ, "QS_OUT")
     if not out:
         raise UsageError("no output folder given", where="QS_OUT")
+    from pytest_quantsafe._util import check_writable
+
+    check_writable(out, "input out (QS_OUT)", folder=True)
     Path(out).mkdir(parents=True, exist_ok=True)
     env = {
         "QUANTSAFE_ENGINE": engine,

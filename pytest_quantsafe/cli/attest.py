@@ -99,9 +99,12 @@ def _attest(args: argparse.Namespace) -> int:
     attest.check_artifacts_match(statement, args.artifact)
     out = Path(args.out) if args.out else attest.default_output_path(args.artifact, args.record,
                                                                       keyless=bool(args.keyless))
+    if args.predicate_only and not args.out:
+        out = out.with_name(out.name.replace(attest.ENVELOPE_SUFFIX, ".quantsafe.predicate.json"))
+    from pytest_quantsafe._util import check_writable
+
+    check_writable(out, "--out", folder=False)  # before signing, which may take a network round trip
     if args.predicate_only:
-        if not args.out:
-            out = out.with_name(out.name.replace(attest.ENVELOPE_SUFFIX, ".quantsafe.predicate.json"))
         text = json.dumps(statement["predicate"], sort_keys=True, indent=2, ensure_ascii=False) + "\n"
         how = "unsigned predicate for actions/attest, predicate-type " + attest.PREDICATE_TYPE
     elif args.keyless:
@@ -112,8 +115,10 @@ def _attest(args: argparse.Namespace) -> int:
         text = attest.envelope_json(attest.sign_with_key(statement, args.key))
         how = "DSSE envelope signed with a local key"
     try:
+        from pytest_quantsafe.engines.cache import write_atomic
+
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
+        write_atomic(out, text)
     except OSError as exc:
         raise InputError(f"cannot write the attestation: {exc.strerror or exc}", where=str(out),
                          fix="choose a writable --out path") from None

@@ -16,6 +16,14 @@ from typing import Any
 from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_INSUFFICIENT, EXIT_PASS, InputError
 
 
+def _check_output(path: str | None) -> None:
+    """Raise InputError now when ``--output`` cannot be written (before any work)."""
+    if path not in (None, "-"):
+        from pytest_quantsafe._util import check_writable
+
+        check_writable(path, "--output", folder=False)  # type: ignore[arg-type]
+
+
 def _write_text(path: str | None, text: str) -> None:
     if path in (None, "-"):
         sys.stdout.write(text)
@@ -91,6 +99,7 @@ def _score_csv(args: argparse.Namespace) -> int:
 
         raise UsageError("score-csv needs --input and --output (or --self-test)",
                          fix="quantsafe score-csv --input cells.csv --output rtsi.json")
+    _check_output(args.output)
     text, raw = read_csv_text(Path(args.input))
     cells = score_level_rows(parse_level_csv(text, args.input), calibration,
                              min_baseline_refusals=args.min_baseline_refusals)
@@ -180,6 +189,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _card(args: argparse.Namespace) -> int:
     from pytest_quantsafe.record.render import render_card
 
+    _check_output(args.output)
     record = _read_json(args.record, "screening record")
     _write_text(args.output, render_card(record, source=args.record))
     return EXIT_PASS
@@ -192,6 +202,7 @@ def _screen_manifest(args: argparse.Namespace) -> int:
     from pytest_quantsafe.record.manifest import load_request, screen_request
     from pytest_quantsafe.score.calibration import load_calibration
 
+    _check_output(args.output)
     response = screen_request(load_request(Path(args.request)), load_calibration(args.calibration))
     _write_text(args.output, _json_text(response))
     sys.stderr.write(f"provisional, unsigned: {response['status']} "
@@ -203,6 +214,7 @@ def _screen_manifest(args: argparse.Namespace) -> int:
 def _manifest(args: argparse.Namespace) -> int:
     from pytest_quantsafe.record.manifest import build_request, profile_from_json, profiles_from_record
 
+    _check_output(args.output)
     if args.record:
         baseline, candidate, probe = profiles_from_record(_read_json(args.record, "screening record"), args.record)
         count, digest = args.probe_count or probe[0], args.probe_sha256 or probe[1]

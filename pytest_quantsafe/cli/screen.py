@@ -204,7 +204,13 @@ def run_screen(args: argparse.Namespace) -> int:
     from pytest_quantsafe.probes import load_probes
     from pytest_quantsafe.screen import screen_models
 
+    from pytest_quantsafe._util import check_writable
+
     _setup(args)
+    if args.out is not None:
+        check_writable(args.out, "--out", folder=True)  # in seconds, not after generation
+    if args.cache_dir is not None:
+        check_writable(args.cache_dir, "--cache-dir", folder=True)
     policy = load_policy(args.policy)
     probe_set = _subset(load_probes(args.probes if args.probes else policy.probes), args.max_probes)
     results = screen_models(args.baseline, args.candidate, policy=policy, probes=probe_set, out_dir=args.out,
@@ -225,7 +231,11 @@ def run_demo(args: argparse.Namespace) -> int:
     from pytest_quantsafe.probes import load_probes, select
     from pytest_quantsafe.screen import screen_models
 
+    from pytest_quantsafe._util import check_writable
+
     _setup(args)
+    if args.out is not None:
+        check_writable(args.out, "--out", folder=True)
     log = logging.getLogger("quantsafe.demo")
     policy = load_policy(args.policy)
     probe_set = load_probes(policy.probes)
