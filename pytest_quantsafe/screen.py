@@ -100,6 +100,7 @@ def screen_profiles(
     engine: Mapping[str, str] | None = None,
     assess: Callable[[Screening], Screening] | None = None,
     out_name: str | None = None,
+    cache: Mapping[str, Any] | None = None,
 ) -> ScreeningResult:
     """Return the screening result for two precomputed refusal profiles under ``policy``.
 
@@ -132,6 +133,7 @@ def screen_profiles(
         policy=policy,
         verdict=verdict,
         calibration=policy.calibration,
+        cache=cache,
     )
     paths: dict[str, str] = {}
     if out_dir is not None:
@@ -221,8 +223,9 @@ def _cache_options(artifact: Artifact, options: Mapping[str, Any]) -> dict[str, 
 
 
 def _complete(side: _Side, probe_set: ProbeSet, config: GenerationConfig, cache: Any, engines: _Engines, *,
-              full_text_kinds: frozenset[str], progress: bool, label: str) -> list[Completion]:
-    """Return one completion per probe: cached ones reused, missing ones generated and cached at once.
+              full_text_kinds: frozenset[str], progress: bool, label: str) -> tuple[list[Completion], int]:
+    """Return (one completion per probe, how many came from the cache): cached ones reused, missing
+    ones generated and cached at once.
 
     Probes of ``full_text_kinds`` go to an engine instance without early exit (under
     their own cache key); the others may stop early.
@@ -242,6 +245,7 @@ def _complete(side: _Side, probe_set: ProbeSet, config: GenerationConfig, cache:
     done: dict[str, Completion] = {}
     for _, _, cached, _ in groups:
         done.update(cached)
+    from_cache = len(done)
     with GenerationProgress(label, len(probe_set.items), cached=len(done), enabled=progress) as bar:
         for backend, key, _, missing in groups:
             if not missing:
@@ -268,7 +272,20 @@ def _complete(side: _Side, probe_set: ProbeSet, config: GenerationConfig, cache:
     if lost:
         raise EngineError(f"the engine returned no completion for {len(lost)} probe(s), e.g. {lost[0]!r}",
                           where=side.ref, fix="rerun; completed generations are cached")
-    return [done[p.id] for p in probe_set.items]
+    return [done[p.id] for p in probe_set.items], from_cache
+
+
+def _cache_block(cache: Any, baseline_cached: int, candidate_cached: int, n_probes: int) -> dict[str, Any]:
+    """Return the record's ``cache`` provenance: what was read from the completion cache, and how it is trusted."""
+    return {
+        "read": bool(cache.read),
+        "authentication": "hmac-sha256 (per-machine key outside the cache folder)",
+        "baseline_from_cache": baseline_cached,
+        "candidate_from_cache": candidate_cached,
+        "generated": 2 * n_probes - baseline_cached - candidate_cached,
+        "dropped_corrupt": cache.stats.corrupt,
+        "dropped_unauthenticated": cache.stats.forged,
+    }
 
 
 def screen_models(
@@ -283,6 +300,7 @@ def screen_models(
     cache_dir: Path | None = None,
     progress: bool = True,
     judge: str | None = None,
+    use_cache: bool = True,
 ) -> list[ScreeningResult]:
     """Return one screening result per candidate, each scored against ``baseline`` under ``policy``.
 
@@ -292,6 +310,8 @@ def screen_models(
     the policy's. Early exit (engine option ``early_exit``) is on where the engine
     implements it, unless the caller turns it off (``engine_options_for``). ``judge``
     names a model (any engine) that labels refusals as a second measurement (judge.py).
+    ``use_cache=False`` reads no cached completion (every probe is generated again);
+    each record's ``cache`` block says how many completions came from the cache.
     """
     from pytest_quantsafe.engines.base import engine_options_from
     from pytest_quantsafe.engines.cache import CompletionCache, default_root
@@ -309,7 +329,7 @@ def screen_models(
                             fix="use a probe set with harmful requests (kind: harmful)")
     config = policy.generation
     options = engine_options_from(engine_options)
-    cache = CompletionCache(Path(cache_dir) if cache_dir is not None else default_root())
+    cache = CompletionCache(Path(cache_dir) if cache_dir is not None else default_root(), read=use_cache)
     detector = refusal.PatternDetector()
 
     embedder = None
@@ -333,13 +353,13 @@ def screen_models(
         # Early exit stops what the pattern detector has decided; a judge reads whole answers and
         # the quality measure compares whole benign answers, so those are generated in full.
         full_text_kinds = frozenset({"harmful", "benign"} if judge else {"benign"} if embedder else set())
-        base_completions = _complete(base_side, probe_set, config, cache, engines, full_text_kinds=full_text_kinds,
+        base_completions, base_cached = _complete(base_side, probe_set, config, cache, engines, full_text_kinds=full_text_kinds,
                                      progress=progress, label=f"baseline {output_name(base_side.artifact)}")
         base_labelled = refusal.label(base_completions, detector)
         base_profile = features.build_profile(base_labelled, detector.name)
         results: list[ScreeningResult] = []
         for side in cand_sides:
-            completions = _complete(side, probe_set, config, cache, engines, full_text_kinds=full_text_kinds,
+            completions, cand_cached = _complete(side, probe_set, config, cache, engines, full_text_kinds=full_text_kinds,
                                     progress=progress, label=f"candidate {output_name(side.artifact)}")
             labelled = refusal.label(completions, detector)
             profile = features.build_profile(labelled, detector.name)
@@ -348,6 +368,7 @@ def screen_models(
                 base_profile, profile, policy=policy, baseline_artifact=base_side.artifact,
                 candidate_artifact=side.artifact, probe_set=probe_set, out_dir=out_dir,
                 generation=config, engine=engine_info, out_name=names[side.artifact.ref],
+                cache=_cache_block(cache, base_cached, cand_cached, len(probe_set.items)),
                 assess=functools.partial(
                     evidence.assess, baseline=base_labelled, candidate=labelled, policy=policy, embedder=embedder,
                     judge=JudgeDetector(judge_engines.get(judge_side.engine_name)[0], judge_side.artifact)

@@ -60,6 +60,9 @@ def register(subparsers: Any) -> None:
                    "default: the policy's probe set, else the shipped one")
     p.add_argument("--engine", default="auto", choices=("auto", "gguf", "hf", "openai"))
     p.add_argument("--chat-template", type=Path, help="Jinja chat template file for models whose GGUF has none")
+    p.add_argument("--no-cache", action="store_true",
+                   help="read no cached completion: generate every answer again (for a record that will be "
+                   "signed; the record's cache block says how many completions came from the cache)")
     p.add_argument("--max-probes", type=int, metavar="N",
                    help="screen a category-stratified subset of N probes (2/3 harmful, 1/3 benign)")
     p.set_defaults(func=run_screen)
@@ -215,7 +218,7 @@ def run_screen(args: argparse.Namespace) -> int:
     probe_set = _subset(load_probes(args.probes if args.probes else policy.probes), args.max_probes)
     results = screen_models(args.baseline, args.candidate, policy=policy, probes=probe_set, out_dir=args.out,
                             engine=args.engine, engine_options=_engine_options(args), cache_dir=args.cache_dir,
-                            progress=not args.no_progress, judge=args.judge)
+                            progress=not args.no_progress, judge=args.judge, use_cache=not args.no_cache)
     _report(results, args.out)
     code = worst_exit_code([r.verdict.exit_code for r in results])
     summary = {EXIT_PASS: "quantsafe: pass (exit 0)", EXIT_GATE_FAILED: "quantsafe: gate failed (exit 1)",

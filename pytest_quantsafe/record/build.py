@@ -111,8 +111,14 @@ def build_record(
     verdict: Verdict,
     calibration: Calibration,
     created: str | None = None,
+    cache: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Return the screening record (docs/record-format.md) as plain JSON data with rounded floats."""
+    """Return the screening record (docs/record-format.md) as plain JSON data with rounded floats.
+
+    ``cache`` is the completion-cache provenance of a model screening (how many
+    completions were read from the cache, whether it was read at all); omitted for
+    external evidence.
+    """
     record: dict[str, Any] = {
         "schema": RECORD_SCHEMA,
         "tool": {"name": "quantsafe", "version": __version__},
@@ -136,6 +142,8 @@ def build_record(
         "verdict": verdict.to_dict(),
         "limits": LIMITS_SENTENCE,
     }
+    if cache is not None:
+        record["cache"] = dict(cache)
     return normalize_floats(record)  # type: ignore[no-any-return]
 
 
