@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from pytest_quantsafe import zoo
 from pytest_quantsafe.engines import llamacpp
-from pytest_quantsafe.measure.refusal import label
+from pytest_quantsafe.measure.refusal import PatternDetector, label
 from pytest_quantsafe.probes import load_probes, select
 from pytest_quantsafe.types import GenerationConfig, Probe
 
@@ -101,7 +101,7 @@ def machine() -> dict[str, str]:
 def run_ours(path: Path, probes: Sequence[Probe], cfg: GenerationConfig, threads: int, early_exit: bool,
              name: str) -> Run:
     """Return the batched engine's run (the worker is started and the model loaded before timing)."""
-    engine = llamacpp.create(threads=threads, early_exit=early_exit)
+    engine = llamacpp.create(threads=threads, early_exit=PatternDetector().prefix_rule() if early_exit else None)
     try:
         art = engine.resolve(str(path))
         t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """The one error hierarchy of quantsafe.
 
 Every failure a user can cause or meet is a ``QuantSafeError`` with a stable
-``code`` (for machines) and an ``exit_code`` (DESIGN.md "Exit codes"). Library
+``code`` (for machines) and an ``exit_code`` (docs/architecture.md "Exit codes and errors"). Library
 code raises; only ``cli.py`` and the pytest plugin turn errors into text and
 exit statuses, through ``diagnostics()``.
 """

@@ -25,18 +25,9 @@ from pytest_quantsafe.errors import (
     EXIT_PASS,
     PolicyError,
 )
-from pytest_quantsafe.types import (
-    BANDS,
-    Band,
-    Bands,
-    GenerationConfig,
-    Policy,
-    RuleResult,
-    Screening,
-    Verdict,
-    canonical_json,
-    sha256_hex,
-)
+from pytest_quantsafe.results import Bands, Policy, RuleResult, Screening, Verdict
+from pytest_quantsafe.score.calibration import load_calibration, load_yaml
+from pytest_quantsafe.types import BANDS, Band, GenerationConfig, canonical_json, sha256_hex
 
 #: Flags that fail every enforcing policy, listed or not: implausible input is never a pass.
 ALWAYS_FAIL_FLAGS: tuple[str, ...] = ("implausible:*",)
@@ -94,8 +85,6 @@ def _where(source: str, lines: Mapping[str, int], key: str) -> str:
 
 
 def _parse(text: str, source: str) -> tuple[Any, dict[str, int]]:
-    from pytest_quantsafe.score.calibration import load_yaml
-
     data, root = load_yaml(text, source, "policy")
     return data, _key_lines(root, source)
 
@@ -167,8 +156,6 @@ def _resolve_probes(ref: str | None, base_dir: Path) -> str | None:
 
 def policy_from_text(text: str, source: str = "<policy>", base_dir: Path | None = None) -> Policy:
     """Return a validated Policy from YAML text (``source`` names it in errors)."""
-    from pytest_quantsafe.score.calibration import load_calibration
-
     data, lines = _parse(text, source)
     _validate(data, source, lines)
     cal_ref = _resolve_calibration(str(data.get("calibration", "default")), base_dir or Path("."))

@@ -1,6 +1,6 @@
 """Orchestration of screenings: artifacts and probes in, one ``ScreeningResult`` per candidate out.
 
-``screen_models`` runs the whole data flow of DESIGN.md on real models: resolve the
+``screen_models`` runs the whole data flow (docs/architecture.md) on real models: resolve the
 artifacts, refuse mismatched pairs (paper A.11), get completions through the
 completion cache (the baseline once, reused for every candidate and across runs;
 only missing probes go to the engine; each finished completion is cached at once,
@@ -14,39 +14,47 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pytest_quantsafe._util import safe_name
+from pytest_quantsafe.engines.base import Engine, detect_engine, engine_options_from, get_engine
+from pytest_quantsafe.engines.cache import CompletionCache, default_root
 from pytest_quantsafe.engines.pairing import check_matched_pair
-from pytest_quantsafe.errors import ProbeSetError, PromptTooLongError, UsageError
+from pytest_quantsafe.engines.progress import GenerationProgress
+from pytest_quantsafe.errors import EngineError, ProbeSetError, PromptTooLongError, UsageError
+from pytest_quantsafe.measure import evidence, features, refusal
+from pytest_quantsafe.measure.judge import JudgeDetector
+from pytest_quantsafe.measure.quality import MiniLMEmbedder
+from pytest_quantsafe.policy import decide
+from pytest_quantsafe.probes import load_probes
+from pytest_quantsafe.record import build as records
+from pytest_quantsafe.results import Policy, Screening, ScreeningResult
+from pytest_quantsafe.score import rtsi
 from pytest_quantsafe.types import (
     Artifact,
     Completion,
     GenerationConfig,
-    Policy,
+    PrefixRule,
     ProbeSet,
     RefusalProfile,
-    Screening,
-    ScreeningResult,
 )
 
 log = logging.getLogger("quantsafe.screen")
 
-_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
-
-#: Engine option that stops a sequence once the pattern detector can no longer call it a refusal.
+#: Engine option that stops a sequence once the detector can no longer call it a refusal: a bool
+#: for callers of ``screen_models``, the detector's ``PrefixRule`` (or None) for the engine.
 EARLY_EXIT_OPTION = "early_exit"
 #: Engines that implement early exit; for them it is on unless the caller turns it off.
 EARLY_EXIT_ENGINES = frozenset({"gguf"})
 
 
 def output_name(artifact: Artifact) -> str:
-    """Return the folder name for a candidate's outputs (docs/internal-api.md "Output folder layout")."""
+    """Return the folder name for a candidate's outputs (docs/architecture.md "Output folder layout")."""
     raw = artifact.ref.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1] or artifact.name
-    return _UNSAFE_NAME.sub("_", raw)
+    return safe_name(raw)
 
 
 def output_names(artifacts: Sequence[Artifact]) -> dict[str, str]:
@@ -112,10 +120,6 @@ def screen_profiles(
     bound) adds the RTSI interval, quality, regime and judge before the decision.
     ``out_name`` overrides the folder name (``output_names`` makes distinct ones).
     """
-    from pytest_quantsafe.policy import decide
-    from pytest_quantsafe.record import build as records
-    from pytest_quantsafe.score import rtsi
-
     baseline = baseline_artifact if baseline_artifact is not None else _external_artifact("baseline")
     candidate = candidate_artifact if candidate_artifact is not None else _external_artifact("candidate")
     screening = rtsi.score(baseline_profile, candidate_profile, policy.calibration,
@@ -155,28 +159,30 @@ class _Side:
 
 
 class _Engines:
-    """Engine instances by (engine name, early exit), created on first use and closed together."""
+    """Engine instances by (engine name, early exit), created on first use and closed together.
 
-    def __init__(self, options: Mapping[str, Any]) -> None:
+    Early exit stops sequences under ``rule``, the detector's prefix rule; with no rule
+    (a detector that must read whole texts) nothing is stopped early.
+    """
+
+    def __init__(self, options: Mapping[str, Any], rule: PrefixRule | None) -> None:
         self.options = dict(options)
-        self._backends: dict[tuple[str, bool], tuple[Any, dict[str, Any]]] = {}
+        self.rule = rule
+        self._backends: dict[tuple[str, bool], tuple[Engine, dict[str, Any]]] = {}
 
-    def get(self, name: str, *, full_text: bool = False) -> tuple[Any, dict[str, Any]]:
+    def get(self, name: str, *, full_text: bool = False) -> tuple[Engine, dict[str, Any]]:
         """Return (engine, its options); ``full_text`` forces early exit off."""
-        from pytest_quantsafe.engines.base import get_engine
-
         chosen = engine_options_for(name, self.options)
-        if full_text and chosen.get(EARLY_EXIT_OPTION):
-            chosen[EARLY_EXIT_OPTION] = False
-        slot = (name, bool(chosen.get(EARLY_EXIT_OPTION, False)))
+        early = bool(chosen.pop(EARLY_EXIT_OPTION, False)) and not full_text and self.rule is not None
+        if name in EARLY_EXIT_ENGINES:
+            chosen[EARLY_EXIT_OPTION] = self.rule if early else None
+        slot = (name, early)
         if slot not in self._backends:
             self._backends[slot] = (get_engine(name, **chosen), chosen)
         return self._backends[slot]
 
     def resolve(self, refs: Sequence[str], engine: str) -> list[_Side]:
         """Return the resolved sides of ``refs`` (engine detected per reference with "auto")."""
-        from pytest_quantsafe.engines.base import detect_engine
-
         sides = []
         for ref in refs:
             name = detect_engine(ref) if engine == "auto" else engine
@@ -214,7 +220,11 @@ def engine_options_for(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
 
 def _cache_options(artifact: Artifact, options: Mapping[str, Any]) -> dict[str, Any]:
     """Return what, besides the artifact's files, changes the completions (part of the cache key)."""
-    keyed: dict[str, Any] = {EARLY_EXIT_OPTION: bool(options.get(EARLY_EXIT_OPTION, False))}
+    rule = options.get(EARLY_EXIT_OPTION)
+    keyed: dict[str, Any] = {EARLY_EXIT_OPTION: isinstance(rule, PrefixRule)}
+    if isinstance(rule, PrefixRule):
+        # Stopped sequences are as short as the rule makes them: another rule, other completions.
+        keyed["early_exit_rule"] = rule.digest
     # The prompt is rendered with this template: a --chat-template override changes every completion.
     template = artifact.metadata.get("chat_template_sha256")
     if template:
@@ -222,7 +232,7 @@ def _cache_options(artifact: Artifact, options: Mapping[str, Any]) -> dict[str, 
     return keyed
 
 
-def _complete(side: _Side, probe_set: ProbeSet, config: GenerationConfig, cache: Any, engines: _Engines, *,
+def _complete(side: _Side, probe_set: ProbeSet, config: GenerationConfig, cache: CompletionCache, engines: _Engines, *,
               full_text_kinds: frozenset[str], progress: bool, label: str) -> tuple[list[Completion], int]:
     """Return (one completion per probe, how many came from the cache): cached ones reused, missing
     ones generated and cached at once.
@@ -230,9 +240,6 @@ def _complete(side: _Side, probe_set: ProbeSet, config: GenerationConfig, cache:
     Probes of ``full_text_kinds`` go to an engine instance without early exit (under
     their own cache key); the others may stop early.
     """
-    from pytest_quantsafe.engines.progress import GenerationProgress
-    from pytest_quantsafe.errors import EngineError
-
     groups = []
     for full_text in (False, True):
         members = tuple(p for p in probe_set.items if (p.kind in full_text_kinds) == full_text)
@@ -313,13 +320,6 @@ def screen_models(
     ``use_cache=False`` reads no cached completion (every probe is generated again);
     each record's ``cache`` block says how many completions came from the cache.
     """
-    from pytest_quantsafe.engines.base import engine_options_from
-    from pytest_quantsafe.engines.cache import CompletionCache, default_root
-    from pytest_quantsafe.measure import evidence, features, refusal
-    from pytest_quantsafe.measure.judge import JudgeDetector
-    from pytest_quantsafe.measure.quality import MiniLMEmbedder
-    from pytest_quantsafe.probes import load_probes
-
     if not candidates:
         raise UsageError("no candidate to screen", fix="pass at least one --candidate")
     probe_set = probes if probes is not None else load_probes(policy.probes)
@@ -333,8 +333,8 @@ def screen_models(
     detector = refusal.PatternDetector()
 
     embedder = None
-    engines = _Engines(options)
-    judge_engines = _Engines({**options, EARLY_EXIT_OPTION: False}) if judge else None
+    engines = _Engines(options, detector.prefix_rule())
+    judge_engines = _Engines({**options, EARLY_EXIT_OPTION: False}, None) if judge else None
     try:
         sides = engines.resolve([baseline, *candidates], engine)
         base_side, cand_sides = sides[0], sides[1:]

@@ -110,7 +110,8 @@ def test_model_directory_gives_one_subject_per_weight_file(tmp_path: Path, smoll
     (model / "model-00001-of-00002.safetensors").write_bytes(smollm2_gguf.read_bytes()[:4096])
     (model / "model-00002-of-00002.safetensors").write_bytes(smollm2_gguf.read_bytes()[4096:8192])
     subjects = attest.subjects_from_paths([model])
-    assert [s["name"] for s in subjects] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert [s["name"] for s in subjects] == ["config.json", "model-00001-of-00002.safetensors",
+                                             "model-00002-of-00002.safetensors"]
     assert all(len(s["digest"]["sha256"]) == 64 for s in subjects)
     with pytest.raises(InputError) as err:
         attest.subjects_from_paths([tmp_path / "missing.gguf"])
@@ -420,28 +421,63 @@ def test_advisory_policy_passes_high_and_stays_consistent(smollm2_gguf: Path) ->
         check_record(record)
 
 
-def test_model_directory_round_trip(tmp_path: Path, smollm2_gguf: Path, keypair: dict[str, str],
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def _hf_folder(tmp_path: Path, smollm2_gguf: Path) -> tuple[Path, list[Path]]:
+    """Return a checkpoint folder (config.json and two shards cut from the real model's first 4 MiB)."""
     model = tmp_path / "model"
     model.mkdir()
-    with open(smollm2_gguf, "rb") as handle:  # two shards cut from the real model's first 4 MiB
+    with open(smollm2_gguf, "rb") as handle:
         head = handle.read(4 << 20)
     shards = [model / "model-00001-of-00002.safetensors", model / "model-00002-of-00002.safetensors"]
     shards[0].write_bytes(head[: 2 << 20])
     shards[1].write_bytes(head[2 << 20:])
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
+    return model, shards
+
+
+def _hf_record(model: Path, smollm2_gguf: Path) -> dict[str, Any]:
+    """Return a real record whose candidate is ``model`` as the HF engine resolves it."""
+    from pytest_quantsafe.engines import hf
+
     record = make_record(smollm2_gguf, "low")
-    record["candidate"]["artifact"] = _artifact(*shards).to_dict()
-    statement = attest.build_statement(record)
-    assert len(statement["subject"]) == 2
+    record["candidate"]["artifact"] = hf.create().resolve(str(model)).to_dict()
+    return record
+
+
+def test_model_directory_round_trip(tmp_path: Path, smollm2_gguf: Path, keypair: dict[str, str],
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    model, shards = _hf_folder(tmp_path, smollm2_gguf)
+    statement = attest.build_statement(_hf_record(model, smollm2_gguf))
+    assert len(statement["subject"]) == 3  # two shards and config.json, as the engine digested them
     path = _write_envelope(tmp_path, attest.sign_with_key(statement, keypair["private_key"]))
-    assert len(verify_with_key(path, [model], keypair["public_key"]).subjects) == 2
+    assert len(verify_with_key(path, [model], keypair["public_key"]).subjects) == 3
     with pytest.raises(VerificationFailed, match="matches none of the given files"):
         verify_with_key(path, [shards[0]], keypair["public_key"])  # one shard missing
     assert main(["verify", str(path), "--artifact", str(model), "--key", keypair["public_key"], "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["verified"] is True and shown["band"] == "LOW" and len(shown["subjects"]) == 2
+    assert shown["verified"] is True and shown["band"] == "LOW" and len(shown["subjects"]) == 3
     assert shown["identity"] == keypair["key_id"] and shown["limits"] == LIMITS_SENTENCE
+
+
+def test_cli_attest_and_verify_an_hf_folder_then_a_changed_weight_fails(
+        tmp_path: Path, smollm2_gguf: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The engine and the signer agree on which files of a checkpoint folder are the artifact."""
+    model, shards = _hf_folder(tmp_path, smollm2_gguf)
+    record_path = tmp_path / "record.json"
+    record_path.write_text(json.dumps(_hf_record(model, smollm2_gguf)))
+    key = tmp_path / "release.pem"
+    assert main(["keygen", "--out", str(key)]) == 0
+    out = tmp_path / "model.quantsafe.dsse.json"
+    assert main(["attest", str(record_path), "--artifact", str(model), "--key", str(key), "--out", str(out)]) == 0
+    public = str(tmp_path / "release.pub.pem")
+    assert main(["verify", str(out), "--artifact", str(model), "--key", public]) == 0
+    assert "subject:  config.json" in capsys.readouterr().out
+    with open(shards[1], "r+b") as handle:  # one changed byte in a released weight file
+        handle.seek(1000)
+        byte = handle.read(1)
+        handle.seek(1000)
+        handle.write(bytes([byte[0] ^ 1]))
+    assert main(["verify", str(out), "--artifact", str(model), "--key", public]) == 4
+    assert "error[verification_failed]" in capsys.readouterr().err
 
 
 def test_cli_predicate_only_for_actions_attest(tmp_path: Path, low_record: dict[str, Any], smollm2_gguf: Path,
@@ -474,3 +510,33 @@ def test_record_inconsistencies_are_refused(low_record: dict[str, Any], edit: An
     edit(record)
     with pytest.raises(VerificationFailed, match=match):
         check_record(record)
+
+
+@pytest.mark.slow
+def test_cli_attest_and_verify_the_real_hf_checkpoint(tmp_path: Path, smollm2_hf: Path, smollm2_gguf: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The dequantized SmolLM2 checkpoint as the HF engine resolves it: signed, verified, then one weight replaced."""
+    model = tmp_path / "smollm2-hf"
+    model.mkdir()
+    for source in smollm2_hf.iterdir():  # links: the cached checkpoint itself is never written
+        if source.is_file():
+            (model / source.name).symlink_to(source)
+    record_path = tmp_path / "record.json"
+    record = _hf_record(model, smollm2_gguf)
+    names = sorted(Path(f["path"]).name for f in record["candidate"]["artifact"]["files"])
+    assert "config.json" in names and any(n.endswith(".safetensors") for n in names)
+    record_path.write_text(json.dumps(record))
+    key = tmp_path / "release.pem"
+    assert main(["keygen", "--out", str(key)]) == 0
+    out = tmp_path / "smollm2.quantsafe.dsse.json"
+    assert main(["attest", str(record_path), "--artifact", str(model), "--key", str(key), "--out", str(out)]) == 0
+    public = str(tmp_path / "release.pub.pem")
+    assert main(["verify", str(out), "--artifact", str(model), "--key", public]) == 0
+    capsys.readouterr()
+    weights = next(model / n for n in names if n.endswith(".safetensors"))
+    with open(weights, "rb") as handle:
+        head = handle.read(1 << 20)
+    weights.unlink()
+    weights.write_bytes(head)  # another weight file under the same name
+    assert main(["verify", str(out), "--artifact", str(model), "--key", public]) == 4
+    assert "error[verification_failed]" in capsys.readouterr().err

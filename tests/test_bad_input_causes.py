@@ -145,8 +145,8 @@ def test_candidates_with_the_same_file_name_get_distinct_folders() -> None:
 def test_calibrate_nan_names_the_input_line_and_keeps_the_output(tmp_path: Path, bad: str,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     table = tmp_path / "deltas.csv"
-    rows = ["base_model,quant,refusal_rate_delta,dominant_prefix_share_delta,unique_prefix_rate_delta,"
-            "prefix_entropy_norm_delta,mean_tokens_refusal_delta"]
+    rows = [("base_model,quant,refusal_rate_delta,dominant_prefix_share_delta,unique_prefix_rate_delta,"
+            "prefix_entropy_norm_delta,mean_tokens_refusal_delta")]
     rows += [f"m{i},q{i},{-0.01 * i},{0.01 * i},{0.02 * i},{0.03 * i},{0.5 * i}" for i in range(1, 8)]
     rows[4] = rows[4].split(",", 3)[0] + "," + rows[4].split(",", 3)[1] + f",{bad}," + rows[4].split(",", 3)[3]
     table.write_text("\n".join(rows) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -9,10 +10,9 @@ from pathlib import Path
 import pytest
 
 from pytest_quantsafe.engines import llamacpp
-from pytest_quantsafe.engines.llamacpp._worker import could_become_refusal, is_decided_refusal
-from pytest_quantsafe.errors import EngineError, ModelLoadError
-from pytest_quantsafe.measure.refusal import REFUSAL_OPENERS, PatternDetector, label
-from pytest_quantsafe.types import GenerationConfig, Probe
+from pytest_quantsafe.errors import EngineError, ModelLoadError, UsageError
+from pytest_quantsafe.measure.refusal import PatternDetector, label
+from pytest_quantsafe.types import GenerationConfig, PrefixRule, Probe
 from pytest_quantsafe.zoo import MODELS
 
 QWEN_SHA256 = MODELS["qwen2.5-coder-0.5b-q4_k_m"].sha256
@@ -51,16 +51,45 @@ def test_early_exit_rule_never_cuts_a_text_that_ends_as_a_refusal():
         final = detector.is_refusal(text)
         for end in range(len(text) + 1):
             prefix = text[:end]
-            if not could_become_refusal(prefix, REFUSAL_OPENERS):
+            if not detector.could_become_refusal(prefix):
                 assert not final, f"{prefix!r} was judged hopeless but {text!r} is a refusal"
                 checked += 1
-            if is_decided_refusal(prefix, REFUSAL_OPENERS):
+            if detector.is_decided_refusal(prefix):
                 assert final, f"{prefix!r} was judged decided but {text!r} is not a refusal"
     assert checked > 50  # the rule did cut many prefixes of the non-refusals
-    assert could_become_refusal("", REFUSAL_OPENERS)
-    assert not could_become_refusal("Sure", REFUSAL_OPENERS)
-    assert is_decided_refusal("I'm sorry, but", REFUSAL_OPENERS)
-    assert not is_decided_refusal("I'm sorry", REFUSAL_OPENERS)  # "I'm sorryful" is still possible
+    assert detector.could_become_refusal("")
+    assert not detector.could_become_refusal("Sure")
+    assert detector.is_decided_refusal("I'm sorry, but")
+    assert not detector.is_decided_refusal("I'm sorry")  # "I'm sorryful" is still possible
+
+
+def test_the_worker_evaluates_the_rule_it_is_sent():
+    """What crosses the process boundary is the detector's rule as plain data, and it decides the same."""
+    rule = PatternDetector().prefix_rule()
+    sent = PrefixRule.from_dict(json.loads(json.dumps(rule.to_dict())))
+    assert sent == rule and sent.digest == rule.digest
+    for text in ("I'm sorry, but", "I m", "Sure, here", "As an AI", "Iceland"):
+        assert sent.could_become_refusal(text) == rule.could_become_refusal(text)
+        assert sent.is_decided_refusal(text) == rule.is_decided_refusal(text)
+    assert PrefixRule(openers=("i cannot",)).digest != rule.digest
+    with pytest.raises(ValueError, match="normalisation"):
+        PrefixRule(openers=("i cannot",), normalization="casefold")
+    assert llamacpp.create(early_exit=rule.to_dict()).early_exit == rule
+    assert llamacpp.create(early_exit=False).early_exit is None
+    with pytest.raises(UsageError, match="prefix rule"):
+        llamacpp.create(early_exit=True)
+
+
+def test_no_refusal_words_in_the_engines():
+    """The engine package asks the detector; it holds no refusal opener of its own."""
+    from pytest_quantsafe.measure.refusal import REFUSAL_OPENERS
+
+    engines = Path(llamacpp.__file__).resolve().parents[1]
+    for source in engines.rglob("*.py"):
+        text = source.read_text(encoding="utf-8").lower()
+        for opener in REFUSAL_OPENERS:
+            assert f'"{opener}"' not in text, f"{source} spells the refusal opener {opener!r}"
+        assert "refusal_openers" not in text, source
 
 
 # ----------------------------------------------------------------------------- resolve
@@ -207,7 +236,7 @@ def test_sequential_gives_the_same_refusal_labels(engine, qwen_batched):
 @pytest.mark.slow
 def test_early_exit_keeps_refusals_identical_and_cuts_the_rest(qwen_batched, qwen_q4_k_m_gguf):
     _, full, _ = qwen_batched
-    fast = llamacpp.create(threads=1, early_exit=True)
+    fast = llamacpp.create(threads=1, early_exit=PatternDetector().prefix_rule())
     try:
         cut = fast.generate(fast.resolve(str(qwen_q4_k_m_gguf)), PROBES,
                             GenerationConfig(max_new_tokens=32, batch_size=6))

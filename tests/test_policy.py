@@ -12,8 +12,9 @@ from pytest_quantsafe.errors import PolicyError
 from pytest_quantsafe.measure.features import build_profile
 from pytest_quantsafe.measure.refusal import label
 from pytest_quantsafe.policy import decide, diff_policies, effective_band, load_policy, packaged_policies
+from pytest_quantsafe.results import Screening
 from pytest_quantsafe.score import rtsi
-from pytest_quantsafe.types import Completion, RefusalProfile, Screening
+from pytest_quantsafe.types import Completion, RefusalProfile
 
 REPO = Path(__file__).resolve().parent.parent
 

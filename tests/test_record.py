@@ -18,6 +18,7 @@ from pytest_quantsafe.record.build import (
     render_summary,
     write_outputs,
 )
+from pytest_quantsafe.results import Policy, Verdict
 from pytest_quantsafe.score.calibration import load_calibration
 from pytest_quantsafe.score.rtsi import score
 from pytest_quantsafe.types import (
@@ -26,10 +27,8 @@ from pytest_quantsafe.types import (
     ArtifactFile,
     Completion,
     GenerationConfig,
-    Policy,
     Probe,
     ProbeSet,
-    Verdict,
     canonical_json,
 )
 

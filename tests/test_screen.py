@@ -174,3 +174,26 @@ def test_progress_counts_and_draws_only_on_a_terminal() -> None:
             bar.update(Completion(probe_id=f"p{i}", kind="harmful", category="c", text="x", n_tokens=n))
     assert (bar.generated, bar.tokens) == (3, 49)
     assert bar.summary().startswith("baseline m: 5 probes, 2 from cache, 3 generated (49 tokens in ")
+
+
+def test_early_exit_hands_the_detector_rule_to_the_engine_and_keys_the_cache_by_it() -> None:
+    """The engine gets the detector's rule (not a bool), and another rule is another cache entry."""
+    from pytest_quantsafe.measure.refusal import PatternDetector
+    from pytest_quantsafe.screen import _cache_options, _Engines
+
+    rule = PatternDetector().prefix_rule()
+    art = Artifact(ref="m.gguf", format="gguf", files=(ArtifactFile("m.gguf", "a" * 64, 1),), quantization="Q4_K_M",
+                   name="m")
+    engines = _Engines({}, rule)
+    engine, options = engines.get("gguf")
+    assert engine.early_exit == rule and options["early_exit"] == rule
+    full_engine, full = engines.get("gguf", full_text=True)
+    assert full_engine.early_exit is None and full["early_exit"] is None
+    assert _Engines({"early_exit": False}, rule).get("gguf")[0].early_exit is None
+    assert _Engines({}, None).get("gguf")[0].early_exit is None  # a detector without a prefix rule
+    keyed = _cache_options(art, options)
+    assert keyed == {"early_exit": True, "early_exit_rule": rule.digest}
+    assert _cache_options(art, full) == {"early_exit": False}
+    other = PatternDetector(openers=("I cannot",)).prefix_rule()
+    assert _cache_options(art, {"early_exit": other})["early_exit_rule"] != keyed["early_exit_rule"]
+    engines.close()

@@ -5,11 +5,11 @@
 - ``prepare``: validate the action's inputs (passed as ``QS_*`` environment variables,
   never interpolated into shell text), expand the candidate globs and export the
   ``QUANTSAFE_*`` variables the pytest plugin reads (through ``$GITHUB_ENV``).
-- ``report --out DIR``: read every ``DIR/*/record.json`` (docs/internal-api.md), write
+- ``report --out DIR``: read every ``DIR/*/record.json`` (docs/architecture.md "Output folder layout"), write
   ``$GITHUB_OUTPUT`` (verdict, band, rtsi and records of the worst candidate),
   ``$GITHUB_STEP_SUMMARY`` (a table per candidate, a Mermaid ``xychart-beta`` chart of
   the four feature contributions, the limits sentence) and ``::error``/``::notice``
-  workflow commands; exit 0 pass, 1 gate failed, 3 insufficient data (DESIGN.md).
+  workflow commands; exit 0 pass, 1 gate failed, 3 insufficient data (docs/architecture.md).
 - ``bundles --out DIR``: after signing, list the Sigstore bundles as the ``bundles`` output.
 
 Like ``cli.py`` this is an entry point: it is the one place here that prints and
@@ -49,6 +49,7 @@ from pytest_quantsafe.errors import (
     SigningError,
     UsageError,
 )
+from pytest_quantsafe.policy import load_policy
 from pytest_quantsafe.types import LIMITS_SENTENCE
 
 ENGINES = ("auto", "gguf", "hf", "openai")
@@ -141,8 +142,6 @@ def prepare(environ: Mapping[str, str], root: Path) -> dict[str, str]:
         raise UsageError(f"sign must be true or false, got {sign!r}", where="input sign")
     policy = _env(environ, "QS_POLICY")
     if policy:
-        from pytest_quantsafe.policy import load_policy
-
         # Fail here, naming the file, key and line, rather than as a pytest usage error later.
         is_path = "/" in policy or policy.endswith((".yaml", ".yml"))
         load_policy(root / policy if is_path and not os.path.isabs(policy) else policy)

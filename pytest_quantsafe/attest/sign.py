@@ -48,9 +48,6 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 BUNDLE_SUFFIX = ".quantsafe.sigstore.json"
 ENVELOPE_SUFFIX = ".quantsafe.dsse.json"
-#: Files of a model directory that carry weights (one subject each).
-WEIGHT_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack",
-                   ".npz")
 
 
 # --------------------------------------------------------------------------- statement
@@ -90,16 +87,21 @@ def subjects_from_record(record: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def subjects_from_paths(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """Return subjects for files given on the command line; a directory gives one per weight file."""
+    """Return subjects for files given on the command line.
+
+    A model folder gives one subject per weight file and one for its ``config.json``: the
+    files the HF engine digests into the record (``_util.model_folder_files``).
+    """
     subjects: list[dict[str, Any]] = []
     for raw in paths:
         path = _util.safe_path(raw, "artifact file")
         if path.is_dir():
-            weights = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES)
+            weights, config = _util.model_folder_files(path)
             if not weights:
                 raise InputError("the model directory holds no weight files", where=str(path),
-                                 fix=f"give the weight files themselves ({', '.join(WEIGHT_SUFFIXES)})")
-            subjects.extend({"name": p.name, "digest": {"sha256": file_sha256(p)}} for p in weights)
+                                 fix=f"give the weight files themselves ({', '.join(_util.WEIGHT_SUFFIXES)})")
+            members = [*weights, config] if config is not None else weights
+            subjects.extend({"name": p.name, "digest": {"sha256": file_sha256(p)}} for p in members)
         elif path.is_file():
             subjects.append({"name": path.name, "digest": {"sha256": file_sha256(path)}})
         else:

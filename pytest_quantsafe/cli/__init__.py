@@ -4,7 +4,7 @@ Each sub-command lives in ``pytest_quantsafe/commands/<name>.py`` and exposes
 ``register(subparsers)``, which adds its parser and sets ``func`` to a callable
 ``(args) -> int``. This module holds no logic of its own: it parses, dispatches,
 and is the one place that turns a ``QuantSafeError`` into stderr text and an exit
-status (DESIGN.md "Exit codes").
+status (docs/architecture.md "Exit codes and errors").
 """
 
 from __future__ import annotations

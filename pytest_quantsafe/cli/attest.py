@@ -14,7 +14,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pytest_quantsafe.errors import EXIT_PASS, InputError, VerificationFailed
+from pytest_quantsafe._util import check_writable, write_atomic
+from pytest_quantsafe.attest import sign as attest
+from pytest_quantsafe.attest.sign import generate_key
+from pytest_quantsafe.attest.verify import SignerPolicy, verify_keyless, verify_with_key
+from pytest_quantsafe.errors import EXIT_PASS, InputError, UsageError, VerificationFailed
+from pytest_quantsafe.record.check import check_record
+from pytest_quantsafe.types import LIMITS_SENTENCE
 
 
 def register(subparsers: Any) -> None:
@@ -85,10 +91,6 @@ def _read_record(path: str) -> Any:
 
 
 def _attest(args: argparse.Namespace) -> int:
-    from pytest_quantsafe.attest import sign as attest
-    from pytest_quantsafe.record.check import check_record
-    from pytest_quantsafe.types import LIMITS_SENTENCE
-
     record = _read_record(args.record)
     try:
         check_record(record, where=args.record)
@@ -101,8 +103,6 @@ def _attest(args: argparse.Namespace) -> int:
                                                                       keyless=bool(args.keyless))
     if args.predicate_only and not args.out:
         out = out.with_name(out.name.replace(attest.ENVELOPE_SUFFIX, ".quantsafe.predicate.json"))
-    from pytest_quantsafe._util import check_writable
-
     check_writable(out, "--out", folder=False)  # before signing, which may take a network round trip
     if args.predicate_only:
         text = json.dumps(statement["predicate"], sort_keys=True, indent=2, ensure_ascii=False) + "\n"
@@ -115,8 +115,6 @@ def _attest(args: argparse.Namespace) -> int:
         text = attest.envelope_json(attest.sign_with_key(statement, args.key))
         how = "DSSE envelope signed with a local key"
     try:
-        from pytest_quantsafe.engines.cache import write_atomic
-
         out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(out, text)
     except OSError as exc:
@@ -139,10 +137,6 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _verify_checked(args: argparse.Namespace) -> int:
-    from pytest_quantsafe.attest.verify import SignerPolicy, verify_keyless, verify_with_key
-    from pytest_quantsafe.errors import UsageError
-    from pytest_quantsafe.types import LIMITS_SENTENCE
-
     keyless_flags = [args.issuer, args.identity, args.identity_pattern, args.repository, args.workflow, args.ref,
                      args.trusted_root]
     if args.key:
@@ -178,8 +172,6 @@ def _verify_checked(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from pytest_quantsafe.attest.sign import generate_key
-
     info = generate_key(args.out, algorithm=args.algorithm, overwrite=args.force)
     sys.stdout.write(f"private key: {info['private_key']} (keep secret; mode 0600)\n"
                      f"public key:  {info['public_key']} (pin it: quantsafe verify BUNDLE --artifact FILE "

@@ -6,7 +6,9 @@ import argparse
 import sys
 from typing import Any
 
-from pytest_quantsafe.errors import EXIT_PASS
+from pytest_quantsafe.errors import EXIT_PASS, ProbeSetError
+from pytest_quantsafe.policy import diff_policies, load_policy
+from pytest_quantsafe.probes import load_probes
 from pytest_quantsafe.types import LIMITS_SENTENCE
 
 
@@ -37,10 +39,6 @@ def _fmt(value: Any) -> str:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from pytest_quantsafe.errors import ProbeSetError
-    from pytest_quantsafe.policy import load_policy
-    from pytest_quantsafe.probes import load_probes
-
     policy = load_policy(args.policy)
     try:
         # "valid" covers what the policy names: its probe set must load too.
@@ -64,8 +62,6 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    from pytest_quantsafe.policy import diff_policies, load_policy
-
     old, new = load_policy(args.old), load_policy(args.new)
     changes = diff_policies(old, new)
     out = [f"policy diff {old.source} -> {new.source}"]

@@ -13,14 +13,38 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_INSUFFICIENT, EXIT_PASS, InputError
+from pytest_quantsafe import __version__
+from pytest_quantsafe._util import check_writable, write_atomic
+from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_INSUFFICIENT, EXIT_PASS, InputError, UsageError
+from pytest_quantsafe.record.build import calibration_block, normalize_floats
+from pytest_quantsafe.record.manifest import (
+    build_request,
+    load_request,
+    profile_from_json,
+    profiles_from_record,
+    screen_request,
+)
+from pytest_quantsafe.record.render import render_card
+from pytest_quantsafe.score.calibration import (
+    calibration_from_mapping,
+    dump_calibration,
+    load_calibration,
+    load_yaml,
+)
+from pytest_quantsafe.score.fit import calibrate
+from pytest_quantsafe.score.ingest import (
+    parse_level_csv,
+    read_csv_text,
+    read_matrix,
+    score_level_rows,
+    self_test,
+)
+from pytest_quantsafe.types import LIMITS_SENTENCE, PROTOCOL_ID, sha256_hex
 
 
 def _check_output(path: str | None) -> None:
     """Raise InputError now when ``--output`` cannot be written (before any work)."""
     if path not in (None, "-"):
-        from pytest_quantsafe._util import check_writable
-
         check_writable(path, "--output", folder=False)  # type: ignore[arg-type]
 
 
@@ -28,8 +52,6 @@ def _write_text(path: str | None, text: str) -> None:
     if path in (None, "-"):
         sys.stdout.write(text)
         return
-    from pytest_quantsafe.engines.cache import write_atomic
-
     target = Path(path)  # type: ignore[arg-type]
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -69,8 +91,6 @@ def _read_json(path: str, what: str, max_bytes: int | None = None) -> Any:
 
 
 def _limits() -> str:
-    from pytest_quantsafe.types import LIMITS_SENTENCE
-
     return LIMITS_SENTENCE
 
 
@@ -78,12 +98,6 @@ def _limits() -> str:
 
 
 def _score_csv(args: argparse.Namespace) -> int:
-    from pytest_quantsafe import __version__
-    from pytest_quantsafe.record.build import calibration_block, normalize_floats
-    from pytest_quantsafe.score.calibration import load_calibration
-    from pytest_quantsafe.score.ingest import parse_level_csv, read_csv_text, score_level_rows, self_test
-    from pytest_quantsafe.types import PROTOCOL_ID, sha256_hex
-
     calibration = load_calibration(args.calibration)
     if args.self_test:
         checks = self_test(calibration)
@@ -95,8 +109,6 @@ def _score_csv(args: argparse.Namespace) -> int:
         sys.stdout.write(f"self-test: {len(checks) - len(failed)}/{len(checks)} cases as expected\n")
         return EXIT_GATE_FAILED if failed else EXIT_PASS
     if not args.input or not args.output:
-        from pytest_quantsafe.errors import UsageError
-
         raise UsageError("score-csv needs --input and --output (or --self-test)",
                          fix="quantsafe score-csv --input cells.csv --output rtsi.json")
     _check_output(args.output)
@@ -137,13 +149,6 @@ def _score_csv(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from pytest_quantsafe.record.build import normalize_floats
-    from pytest_quantsafe._util import check_writable
-    from pytest_quantsafe.score.calibration import calibration_from_mapping, dump_calibration, load_yaml
-    from pytest_quantsafe.score.fit import calibrate
-    from pytest_quantsafe.score.ingest import read_matrix
-    from pytest_quantsafe.types import sha256_hex
-
     check_writable(args.output, "--output", folder=False)
     rows, raw = read_matrix(Path(args.input))
     name = args.name or Path(args.output).stem
@@ -187,8 +192,6 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _card(args: argparse.Namespace) -> int:
-    from pytest_quantsafe.record.render import render_card
-
     _check_output(args.output)
     record = _read_json(args.record, "screening record")
     _write_text(args.output, render_card(record, source=args.record))
@@ -199,9 +202,6 @@ def _card(args: argparse.Namespace) -> int:
 
 
 def _screen_manifest(args: argparse.Namespace) -> int:
-    from pytest_quantsafe.record.manifest import load_request, screen_request
-    from pytest_quantsafe.score.calibration import load_calibration
-
     _check_output(args.output)
     response = screen_request(load_request(Path(args.request)), load_calibration(args.calibration))
     _write_text(args.output, _json_text(response))
@@ -212,16 +212,12 @@ def _screen_manifest(args: argparse.Namespace) -> int:
 
 
 def _manifest(args: argparse.Namespace) -> int:
-    from pytest_quantsafe.record.manifest import build_request, profile_from_json, profiles_from_record
-
     _check_output(args.output)
     if args.record:
         baseline, candidate, probe = profiles_from_record(_read_json(args.record, "screening record"), args.record)
         count, digest = args.probe_count or probe[0], args.probe_sha256 or probe[1]
     else:
         if not (args.baseline and args.candidate):
-            from pytest_quantsafe.errors import UsageError
-
             raise UsageError("manifest needs --record, or --baseline and --candidate profile files",
                              fix="quantsafe manifest --record record.json --output request.json")
         baseline = profile_from_json(_read_json(args.baseline, "baseline profile"), args.baseline)

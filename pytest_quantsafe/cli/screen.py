@@ -20,8 +20,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_INSUFFICIENT, EXIT_PASS, EXIT_USAGE
-from pytest_quantsafe.types import LIMITS_SENTENCE, ProbeSet, ScreeningResult
+from pytest_quantsafe import zoo
+from pytest_quantsafe._util import check_writable, text_table
+from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_INSUFFICIENT, EXIT_PASS, EXIT_USAGE, UsageError
+from pytest_quantsafe.policy import load_policy
+from pytest_quantsafe.probes import load_probes, select
+from pytest_quantsafe.results import ScreeningResult
+from pytest_quantsafe.screen import result_name, screen_models
+from pytest_quantsafe.types import LIMITS_SENTENCE, ProbeSet, RefusalProfile
 
 #: Worst-first order of exit codes when several candidates are screened.
 EXIT_SEVERITY: tuple[int, ...] = (EXIT_USAGE, EXIT_INSUFFICIENT, EXIT_GATE_FAILED, EXIT_PASS)
@@ -109,9 +115,6 @@ def _setup(args: argparse.Namespace) -> None:
 
 
 def _subset(probe_set: ProbeSet, max_probes: int | None) -> ProbeSet:
-    from pytest_quantsafe.errors import UsageError
-    from pytest_quantsafe.probes import select
-
     if max_probes is None:
         return probe_set
     if max_probes < 1:
@@ -129,8 +132,6 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
         options["threads"] = args.threads
     template = getattr(args, "chat_template", None)
     if template is not None:
-        from pytest_quantsafe.errors import UsageError
-
         if not template.is_file():
             raise UsageError("chat template file not found", where=str(template),
                              fix="pass a Jinja chat template file to --chat-template")
@@ -138,7 +139,7 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _interval(profile: Any) -> str:
+def _interval(profile: RefusalProfile) -> str:
     lo, hi = profile.refusal_rate_ci
     return f"{profile.refusal_rate:.0%} [{lo:.0%}-{hi:.0%}]"
 
@@ -146,8 +147,6 @@ def _interval(profile: Any) -> str:
 def format_table(results: Sequence[ScreeningResult]) -> str:
     """Return the per-candidate table: candidate, band, RTSI, refusal rate baseline -> candidate,
     benign-answer quality change (pp, when measured) and verdict."""
-    from pytest_quantsafe.screen import result_name
-
     header = ("candidate", "band", "RTSI", "refusal baseline -> candidate (95% CI)", "quality", "verdict")
     rows = [header]
     for r in results:
@@ -161,10 +160,7 @@ def format_table(results: Sequence[ScreeningResult]) -> str:
                      f"{_interval(s.baseline)} -> {_interval(s.candidate)}",
                      f"{delta:+.1f} pp" if quality.get("status") == "measured" and delta is not None else "-",
                      r.verdict.outcome))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(text_table(rows, rule_under_header=True))
 
 
 def _report(results: Sequence[ScreeningResult], out: Path | None) -> None:
@@ -174,8 +170,6 @@ def _report(results: Sequence[ScreeningResult], out: Path | None) -> None:
 
 def _footer(results: Sequence[ScreeningResult], out: Path | None) -> None:
     """Print where each candidate's records went, then the limits sentence."""
-    from pytest_quantsafe.screen import result_name
-
     if out is not None:
         for r in results:
             if r.paths:
@@ -184,8 +178,6 @@ def _footer(results: Sequence[ScreeningResult], out: Path | None) -> None:
 
 
 def _verdict_lines(results: Sequence[ScreeningResult]) -> list[str]:
-    from pytest_quantsafe.screen import result_name
-
     names = {EXIT_PASS: "pass", EXIT_GATE_FAILED: "gate failed", EXIT_INSUFFICIENT: "insufficient data"}
     lines = []
     for r in results:
@@ -203,12 +195,6 @@ def _verdict_lines(results: Sequence[ScreeningResult]) -> list[str]:
 
 def run_screen(args: argparse.Namespace) -> int:
     """Screen the candidates; print the table; return the worst exit code over them."""
-    from pytest_quantsafe.policy import load_policy
-    from pytest_quantsafe.probes import load_probes
-    from pytest_quantsafe.screen import screen_models
-
-    from pytest_quantsafe._util import check_writable
-
     _setup(args)
     if args.out is not None:
         check_writable(args.out, "--out", folder=True)  # in seconds, not after generation
@@ -229,13 +215,6 @@ def run_screen(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Build or reuse the demo ladders, screen each, print a table per ladder; return 0 when it ran."""
-    from pytest_quantsafe import zoo
-    from pytest_quantsafe.policy import load_policy
-    from pytest_quantsafe.probes import load_probes, select
-    from pytest_quantsafe.screen import screen_models
-
-    from pytest_quantsafe._util import check_writable
-
     _setup(args)
     if args.out is not None:
         check_writable(args.out, "--out", folder=True)

@@ -28,13 +28,12 @@ import json
 import logging
 import os
 import secrets
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pytest_quantsafe._util import cache_dir
+from pytest_quantsafe._util import cache_dir, write_atomic
 from pytest_quantsafe.errors import CacheError
 from pytest_quantsafe.types import Completion, GenerationConfig, Probe, canonical_json, sha256_hex
 
@@ -348,22 +347,3 @@ class CompletionCache:
         if self.meta(key) is None:
             write_atomic(folder / META_FILE, json.dumps({"key": key, **material}, indent=2, sort_keys=True) + "\n")
         self._meta_written.add(key)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so readers see the old file or the whole new one, never a part."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -35,12 +35,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pytest_quantsafe._util import file_sha256, safe_path
+from pytest_quantsafe._util import MODEL_CONFIG, file_sha256, model_folder_files, safe_path
 from pytest_quantsafe.engines.base import OnResult
 from pytest_quantsafe.errors import EngineError, ModelLoadError, UsageError
 from pytest_quantsafe.types import Artifact, ArtifactFile, Completion, GenerationConfig, Probe, sha256_hex
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 #: quant_method in config.json -> the (import name, pip name) pairs transformers needs to load it
 #: (transformers 5.x loads AWQ through gptqmodel; GPTQ through optimum + gptqmodel).
 QUANT_PACKAGES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -180,19 +179,19 @@ class HFEngine:
             config: dict[str, Any] = {}
             meta["gguf_file"] = gguf_name
         else:
-            config_path = folder / "config.json"
-            if not config_path.is_file():
+            weights, found_config = model_folder_files(folder)
+            config_path = folder / MODEL_CONFIG
+            if found_config is None:
                 raise ModelLoadError(f"{folder} has no config.json", where=str(folder),
                                      fix="pass a transformers checkpoint folder")
             try:
                 config = json.loads(config_path.read_text())
             except ValueError as exc:
                 raise ModelLoadError(f"config.json is not JSON: {exc}", where=str(config_path)) from exc
-            weights = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
-            weights.append(config_path)
-            if len(weights) == 1:
+            if not weights:
                 raise ModelLoadError(f"{folder} holds no weight files", where=str(folder),
                                      fix="the folder needs *.safetensors (or *.bin) next to config.json")
+            weights.append(config_path)
         files = tuple(ArtifactFile(str(p.absolute()), file_sha256(p), p.stat().st_size) for p in weights)
         arch = (config.get("architectures") or ["unknown"])[0] if config else "gguf"
         meta.update({"architecture": str(arch), "model_type": str(config.get("model_type", "unknown")),

@@ -22,8 +22,9 @@ from typing import Any
 
 from pytest_quantsafe.errors import InputError, InsufficientDataError
 from pytest_quantsafe.measure.features import build_profile, paired_completions
+from pytest_quantsafe.results import Calibration
 from pytest_quantsafe.score.rtsi import score
-from pytest_quantsafe.types import BANDS, Calibration, Completion
+from pytest_quantsafe.types import BANDS, Completion
 
 #: Default number of bootstrap resamples.
 N_RESAMPLES = 1000

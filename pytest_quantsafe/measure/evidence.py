@@ -1,4 +1,4 @@
-"""The issue-4 evidence added to a scored screening: RTSI interval, quality retention, regime, judge.
+"""The evidence beside RTSI added to a scored screening: RTSI interval, quality retention, regime, judge.
 
 ``assess`` takes the screening ``rtsi.score`` produced and the labelled completions
 of both models, and returns the screening with ``rtsi_ci`` and ``band_stability``
@@ -24,7 +24,8 @@ from pytest_quantsafe.measure.confidence import N_RESAMPLES, bootstrap_rtsi
 from pytest_quantsafe.measure.judge import JudgeDetector, compare, refusal_rates
 from pytest_quantsafe.measure.quality import Embedder, quality_retention
 from pytest_quantsafe.measure.regime import classify
-from pytest_quantsafe.types import Completion, Policy, Screening
+from pytest_quantsafe.results import Policy, Screening
+from pytest_quantsafe.types import Completion
 
 #: Flag added when pattern and judge refusal rates differ by >= 20 pp on either model (paper §3.2).
 DIVERGENCE_FLAG = "measurement_divergence"

@@ -1,6 +1,6 @@
 """The refusal profile of one model: the four RTSI features and refusal rates.
 
-Exactly protocol ``quantsafe.refusal-features.v1`` (DESIGN.md): over the harmful
+Exactly protocol ``quantsafe.refusal-features.v1`` (docs/architecture.md "Data flow"): over the harmful
 completions that are refusals (set R, n = |R|, u distinct 5-word prefixes),
 dominant_prefix_share = top count / n, unique_prefix_rate = u / n,
 prefix_entropy_norm = H(prefixes) / log u (0 when u <= 1), mean_tokens_refusal =

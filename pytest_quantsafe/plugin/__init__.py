@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+from pytest_quantsafe.errors import QuantSafeError, UsageError
+
+if TYPE_CHECKING:  # the gate is imported when a test uses it: it pulls in the whole pipeline
+    from pytest_quantsafe.plugin.gate import QuantSafety, QuantSafetySession, Subject
 
 #: (ini name, command-line flag, environment variable, kind, help); kind: str, list, int, bool.
 OPTIONS: tuple[tuple[str, str, str, str, str], ...] = (
@@ -39,7 +44,7 @@ OPTIONS: tuple[tuple[str, str, str, str, str], ...] = (
      "sign each written record as a DSSE envelope with this local EC P-256 / Ed25519 key (air-gapped)"),
 )
 
-_SESSION_KEY: Any = pytest.StashKey()
+_SESSION_KEY: pytest.StashKey[QuantSafetySession] = pytest.StashKey()
 _REMOTE = ("http://", "https://", "hf://")
 _PATH_OPTIONS = {"quantsafe_baseline", "quantsafe_candidates", "quantsafe_probes", "quantsafe_out", "quantsafe_sign_key",
                  "quantsafe_manifest", "quantsafe_policy"}
@@ -94,8 +99,7 @@ def _setting(config: pytest.Config, ini: str, env: str, kind: str) -> Any:
     return _anchor(value, base) if ini in _PATH_OPTIONS else value
 
 
-def _build_session(config: pytest.Config) -> Any:
-    from pytest_quantsafe.errors import QuantSafeError, UsageError
+def _build_session(config: pytest.Config) -> QuantSafetySession:
     from pytest_quantsafe.plugin.gate import GateOptions, QuantSafetySession, expand_refs
 
     got = {ini: _setting(config, ini, env, kind) for ini, _flag, env, kind, _help in OPTIONS}
@@ -151,7 +155,7 @@ def _preflight(options: Any) -> None:
         safe_path(options.sign_key, "signing key")
 
 
-def _session(config: pytest.Config) -> Any:
+def _session(config: pytest.Config) -> QuantSafetySession:
     session = config.stash.get(_SESSION_KEY, None)
     if session is None:
         session = config.stash[_SESSION_KEY] = _build_session(config)
@@ -193,7 +197,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                     for m in [item.get_closest_marker("quant_safety")] if m is not None and m.kwargs.get("policy")]
     if not from_markers:
         return
-    from pytest_quantsafe.errors import QuantSafeError
 
     session = _session(config)
     for item, ref in from_markers:
@@ -204,14 +207,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
-def quantsafe_subject() -> Any:
+def quantsafe_subject() -> Subject | None:
     """Return the candidate this test item screens (parametrized by the plugin; None when unset)."""
     return None
 
 
 @pytest.fixture
-def quant_safety(request: pytest.FixtureRequest, quantsafe_subject: Any,
-                 record_property: Any) -> Any:
+def quant_safety(request: pytest.FixtureRequest, quantsafe_subject: Subject | None,
+                 record_property: Any) -> QuantSafety:
     """Return the QuantSafety helper: ``screen()`` and policy-driven assertions, cached per session."""
     from pytest_quantsafe.plugin.gate import QuantSafety, Subject
 

@@ -11,16 +11,23 @@ terminal report.
 from __future__ import annotations
 
 import glob
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from pytest_quantsafe._util import UNSAFE_NAME_CHARS as _UNSAFE_ID
+from pytest_quantsafe._util import text_table
+from pytest_quantsafe.attest import sign as attest
 from pytest_quantsafe.errors import QuantSafeError, UsageError
-from pytest_quantsafe.types import BANDS, LIMITS_SENTENCE, Band, Policy, ScreeningResult
+from pytest_quantsafe.policy import effective_band, load_policy, refusal_drop_pp
+from pytest_quantsafe.probes import load_probes
+from pytest_quantsafe.record import manifest
+from pytest_quantsafe.record.check import check_record
+from pytest_quantsafe.results import Policy, ScreeningResult
+from pytest_quantsafe.screen import output_names, screen_models, screen_profiles
+from pytest_quantsafe.types import BANDS, LIMITS_SENTENCE, Artifact, Band
 
-_UNSAFE_ID = re.compile(r"[^A-Za-z0-9._-]")
 _REMOTE = ("http://", "https://", "hf://")
 
 
@@ -100,8 +107,6 @@ class QuantSafetySession:
         if ref is None:
             return self.policy
         if ref not in self._policies:
-            from pytest_quantsafe.policy import load_policy
-
             self._policies[ref] = load_policy(ref)
         return self._policies[ref]
 
@@ -120,9 +125,6 @@ class QuantSafetySession:
         self.rows.append((subject.id, policy, result))
 
     def _screen_models(self, subject: Subject, policy: Policy) -> None:
-        from pytest_quantsafe.probes import load_probes
-        from pytest_quantsafe.screen import screen_models
-
         if not self.options.baseline:
             raise UsageError("no baseline to screen the candidate against", where=subject.ref,
                              fix="pass --quantsafe-baseline (or QUANTSAFE_BASELINE / quantsafe_baseline in ini)")
@@ -140,10 +142,6 @@ class QuantSafetySession:
             self._store(s, policy, self._signed(result))
 
     def _screen_manifest(self, subject: Subject, policy: Policy) -> ScreeningResult:
-        from pytest_quantsafe.record import manifest
-        from pytest_quantsafe.screen import output_names, screen_profiles
-        from pytest_quantsafe.types import Artifact
-
         request = manifest.load_request(subject.ref)
         baseline_profile, candidate_profile = manifest.profiles_from_request(request)
         # The candidate's ref is the manifest path, so its outputs land in OUT/<manifest file name>/.
@@ -166,12 +164,10 @@ class QuantSafetySession:
             return result
         from dataclasses import replace
 
-        from pytest_quantsafe.attest import sign as attest
 
         record_path = result.paths.get("record")
         if not record_path:
             raise UsageError("signing needs the written record", fix="pass --quantsafe-out DIR with --quantsafe-sign")
-        from pytest_quantsafe.record.check import check_record
 
         check_record(result.record, where=record_path)  # never sign a record that would not verify
         statement = attest.build_statement(result.record)
@@ -196,8 +192,6 @@ def _pct(x: float) -> str:
 
 def failure_table(result: ScreeningResult, policy: Policy, broken: Sequence[str], title: str) -> str:
     """Return the compact failure message: band, RTSI with contributions, rates, broken rule, limits."""
-    from pytest_quantsafe.policy import effective_band, refusal_drop_pp
-
     s = result.screening
     b, c = s.baseline, s.candidate
     band = effective_band(s, policy) or "none (insufficient data)"
@@ -258,8 +252,6 @@ class QuantSafety:
         return result
 
     def _band(self, result: ScreeningResult) -> Band | None:
-        from pytest_quantsafe.policy import effective_band
-
         return effective_band(result.screening, self.policy)
 
     def _fail(self, result: ScreeningResult, broken: Sequence[str], what: str) -> None:
@@ -292,7 +284,6 @@ class QuantSafety:
     def assert_refusal_drop_at_most(self, pp: float) -> ScreeningResult:
         """Return the result when the refusal rate fell by at most ``pp`` percentage points."""
         __tracebackhide__ = True
-        from pytest_quantsafe.policy import refusal_drop_pp
 
         result = self.screen()
         drop = refusal_drop_pp(result.screening)
@@ -311,8 +302,6 @@ class QuantSafety:
 
 def summary_lines(session: QuantSafetySession) -> list[str]:
     """Return the terminal summary: one row per screened candidate, then the limits sentence."""
-    from pytest_quantsafe.policy import effective_band
-
     rows = [("candidate", "policy", "band", "RTSI", "refusals base->cand", "verdict", "record")]
     for sid, policy, r in session.rows:
         s = r.screening
@@ -320,7 +309,5 @@ def summary_lines(session: QuantSafetySession) -> list[str]:
                      "-" if s.rtsi is None else f"{s.rtsi:.4f}",
                      f"{_pct(s.baseline.refusal_rate)}->{_pct(s.candidate.refusal_rate)}",
                      r.verdict.outcome, r.paths.get("record", "-")))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    return out + [LIMITS_SENTENCE]
+    return text_table(rows) + [LIMITS_SENTENCE]
 

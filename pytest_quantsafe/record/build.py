@@ -17,19 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from pytest_quantsafe import __version__
+from pytest_quantsafe._util import write_atomic
 from pytest_quantsafe.errors import InputError
 from pytest_quantsafe.record.render import render_card, render_summary
+from pytest_quantsafe.results import Calibration, Policy, Screening, Verdict
 from pytest_quantsafe.types import (
     LIMITS_SENTENCE,
     PROTOCOL_ID,
     RECORD_SCHEMA,
     Artifact,
-    Calibration,
     GenerationConfig,
-    Policy,
     ProbeSet,
-    Screening,
-    Verdict,
     canonical_json,
     sha256_hex,
 )
@@ -167,9 +165,7 @@ def write_outputs(record: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
         paths: dict[str, str] = {}
         for kind, text in texts.items():
             path = out / OUTPUT_FILES[kind]
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(path)
+            write_atomic(path, text)
             paths[kind] = str(path)
     except OSError as exc:
         raise InputError(f"cannot write the screening outputs: {exc.strerror or exc}", where=str(out),

@@ -16,7 +16,8 @@ from typing import Any
 
 from pytest_quantsafe.attest.sign import thresholds
 from pytest_quantsafe.errors import VerificationFailed
-from pytest_quantsafe.types import BANDS, LIMITS_SENTENCE, RECORD_SCHEMA, Bands
+from pytest_quantsafe.results import Bands
+from pytest_quantsafe.types import BANDS, LIMITS_SENTENCE, RECORD_SCHEMA
 
 __all__ = ["check_record"]
 

@@ -19,12 +19,13 @@ from typing import Any
 from pytest_quantsafe import __version__
 from pytest_quantsafe.errors import InputError
 from pytest_quantsafe.measure.features import wilson_interval
+from pytest_quantsafe.record.build import normalize_floats
+from pytest_quantsafe.results import Calibration
 from pytest_quantsafe.score.rtsi import score
 from pytest_quantsafe.types import (
     FEATURE_NAMES,
     LIMITS_SENTENCE,
     PROTOCOL_ID,
-    Calibration,
     RefusalProfile,
     canonical_json,
     sha256_hex,
@@ -130,8 +131,6 @@ def _feedback(screening: Any) -> list[str]:
 
 def screen_request(req: Mapping[str, Any], calibration: Calibration) -> dict[str, Any]:
     """Return the provisional, unsigned screening response for a validated request."""
-    from pytest_quantsafe.record.build import normalize_floats
-
     baseline, candidate = profiles_from_request(req)
     s = score(baseline, candidate, calibration)
     response = {

@@ -1,7 +1,7 @@
 """Calibration profiles (YAML): RTSI weights, min-max ranges of |delta|, bands, provenance.
 
 A profile is data, reviewed like code. ``load_calibration`` validates it and
-refuses one without full provenance (DESIGN.md "Calibration profile"); every
+refuses one without full provenance (docs/architecture.md "Calibration and failing closed"); every
 error names the file, the key and, where YAML gives one, the line.
 """
 
@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from pytest_quantsafe.errors import PolicyError
-from pytest_quantsafe.types import FEATURE_NAMES, PROTOCOL_ID, Bands, Calibration
+from pytest_quantsafe.results import Bands, Calibration
+from pytest_quantsafe.types import FEATURE_NAMES, PROTOCOL_ID
 
 #: Keys every profile's provenance must carry.
 REQUIRED_PROVENANCE: tuple[str, ...] = (

@@ -23,9 +23,10 @@ from typing import Any
 
 from pytest_quantsafe import __version__
 from pytest_quantsafe.errors import InputError
+from pytest_quantsafe.results import Bands, Calibration
 from pytest_quantsafe.score.ingest import DeltaRow
 from pytest_quantsafe.score.rtsi import score_deltas
-from pytest_quantsafe.types import FEATURE_NAMES, Bands, Calibration
+from pytest_quantsafe.types import FEATURE_NAMES
 
 #: Paper Table 1: the hidden- and near-hidden-danger (model, quantization) cells.
 PAPER_TABLE1_DANGER: frozenset[tuple[str, str]] = frozenset({

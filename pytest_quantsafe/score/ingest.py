@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from pytest_quantsafe.errors import InputError
+from pytest_quantsafe.results import Calibration
 from pytest_quantsafe.score.rtsi import COLLAPSE_RATIO, score_deltas
-from pytest_quantsafe.types import FEATURE_NAMES, Calibration
+from pytest_quantsafe.types import FEATURE_NAMES
 
 #: Accepted column names of each feature (first is canonical).
 FEATURE_ALIASES: dict[str, tuple[str, ...]] = {

@@ -10,29 +10,12 @@ template bit for bit (tests/test_zoo_refuser.py).
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+from pytest_quantsafe._util import atomic_path
 from pytest_quantsafe.errors import ModelLoadError
-
-
-@contextlib.contextmanager
-def atomic_file(target: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``target``; on success it becomes ``target`` (mode 644), else it is removed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, suffix=".part")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def copy_fields(reader: Any, writer: Any, skip: Collection[str]) -> None:
@@ -113,7 +96,7 @@ def export_gguf(state_dict: dict[str, Any], template: Path, target: Path, *, gen
             values = permute_rows(values, n_head_kv)
         dtype = np.float32 if t.tensor_type == gguf.GGMLQuantizationType.F32 else np.float16
         plan.append((t.name, np.ascontiguousarray(values.astype(dtype))))
-    with atomic_file(target) as tmp:
+    with atomic_path(target) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
         copy_fields(reader, writer, skip={"general.architecture", "general.alignment", "general.name"})
         writer.add_name(general_name)

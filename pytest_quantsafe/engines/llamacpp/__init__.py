@@ -3,8 +3,8 @@
 ``resolve`` reads a GGUF's metadata with the ``gguf`` package, without loading the
 model: digest, quantization (``general.file_type`` and the real per-tensor types),
 architecture, vocabulary and chat-template digests. ``generate`` renders each probe
-with the model's own chat template and hands the prompts to
-``_llamacpp_worker``, which decodes up to ``GenerationConfig.batch_size`` sequences
+with the model's own chat template and hands the prompts to the child process
+``_worker`` (through ``client.WorkerClient``), which decodes up to ``GenerationConfig.batch_size`` sequences
 in one llama.cpp context (one KV-cache sequence each, greedy = argmax). A crash in
 llama.cpp ends the worker, not the caller, and becomes ``EngineError`` (exit 2).
 
@@ -13,8 +13,9 @@ least 1 — on a busy 2-core machine one thread held ~180 tok/s where two collap
 under 5, see ../shared/fixtures/README.md), ``n_gpu_layers`` (default: all layers when
 llama.cpp reports GPU offload support, else 0), ``chat_template`` (a Jinja string or a
 file path; required for a GGUF without one, and it overrides the file's),
-``early_exit`` (stop a sequence once it can no longer become a pattern refusal;
-default off, the caller decides), ``use_extra_bufts`` (default off: the AMX/repack
+``early_exit`` (a detector's ``PrefixRule``, or its ``to_dict()``: stop a sequence once
+no continuation can be a refusal under that rule; default None, off — the engine knows
+no refusal words, the caller passes its detector's rule), ``use_extra_bufts`` (default off: the AMX/repack
 buffers are where native builds segfault), ``flash_attn`` (default on),
 ``timeout_s`` (longest silence from the worker before it is declared hung),
 ``share_prefix`` (default on: the prompt opening every probe shares — system prompt,
@@ -25,14 +26,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
-import queue
-import signal
-import subprocess
-import sys
-import tempfile
-import threading
 from collections.abc import Mapping, Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -40,9 +34,18 @@ from typing import Any
 
 from pytest_quantsafe._util import file_sha256, safe_path
 from pytest_quantsafe.engines.base import OnResult
+from pytest_quantsafe.engines.llamacpp.client import WorkerClient
 from pytest_quantsafe.engines.llamacpp.gguf_metadata import GGUFInfo, file_type_label, read_gguf, render_chat
-from pytest_quantsafe.errors import EngineError, ModelLoadError, PromptTooLongError
-from pytest_quantsafe.types import Artifact, ArtifactFile, Completion, GenerationConfig, Probe, sha256_hex
+from pytest_quantsafe.errors import EngineError, ModelLoadError, PromptTooLongError, UsageError
+from pytest_quantsafe.types import (
+    Artifact,
+    ArtifactFile,
+    Completion,
+    GenerationConfig,
+    PrefixRule,
+    Probe,
+    sha256_hex,
+)
 
 __all__ = ["GGUFInfo", "LlamaCppEngine", "create", "default_threads", "file_type_label", "read_gguf",
            "render_chat"]
@@ -96,115 +99,6 @@ def llama_cpp_build() -> str:
     return digest.hexdigest()[:8] if seen else "unknown"
 
 
-# ----------------------------------------------------------------------------- worker client
-
-
-class _Worker:
-    """The child process running ``_llamacpp_worker``; every failure of it is an EngineError."""
-
-    def __init__(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
-        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the worker; closed in close()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pytest_quantsafe.engines.llamacpp._worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-            text=True, encoding="utf-8", bufsize=1,
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.loaded_path: str | None = None
-        self.info: dict[str, Any] = {}
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    @property
-    def pid(self) -> int:
-        """Return the worker's process id."""
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        """Return True while the worker process runs."""
-        return self.proc.poll() is None
-
-    def send(self, request: Mapping[str, Any]) -> None:
-        """Write one request line; a dead worker is an EngineError."""
-        try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(json.dumps(request, ensure_ascii=False) + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError) as exc:
-            raise self._died(f"sending {request.get('op')!r}") from exc
-
-    def receive(self, doing: str) -> dict[str, Any]:
-        """Return the next event from the worker; death, hang or a reported error is an EngineError."""
-        try:
-            line = self._lines.get(timeout=self.timeout_s)
-        except queue.Empty:
-            self.kill()
-            raise EngineError(f"the llama.cpp worker was silent for {self.timeout_s:.0f} s while {doing}; stopped it",
-                              fix="raise the engine option timeout_s, lower batch_size or max_new_tokens") from None
-        if line is None:
-            raise self._died(doing)
-        event: dict[str, Any] = json.loads(line)
-        if event.get("event") == "error":
-            raise EngineError(f"llama.cpp failed while {doing}: {event.get('kind')}: {event.get('message')}",
-                              fix="check the model file and the engine options")
-        return event
-
-    def _died(self, doing: str) -> EngineError:
-        try:
-            code = self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            code = self.proc.returncode
-        if code is not None and code < 0:
-            try:
-                how = f"killed by {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"killed by signal {-code}"
-        else:
-            how = f"exited with status {code}"
-        self._stderr.seek(0)
-        tail = self._stderr.read()[-1500:].decode("utf-8", errors="replace").strip()
-        detail = f"; its last words: {tail}" if tail else ""
-        return EngineError(
-            f"the llama.cpp worker process {how} while {doing}{detail}",
-            fix="if it was SIGSEGV on a CPU with AMX, reinstall llama-cpp-python built portable "
-            "(CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON\", as scripts/setup.sh "
-            "does) and keep use_extra_bufts off; if it was SIGKILL, check memory; completed generations are kept",
-        )
-
-    def kill(self) -> None:
-        """Stop the worker now."""
-        if self.alive():
-            self.proc.kill()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-
-    def close(self) -> None:
-        """Ask the worker to exit; kill it when it does not."""
-        if self.alive():
-            try:
-                self.send({"op": "close"})
-                self.proc.wait(timeout=10)
-            except (EngineError, subprocess.TimeoutExpired):
-                self.kill()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                try:
-                    stream.close()
-                except OSError:
-                    pass
-        self._stderr.close()
-
-
 # ----------------------------------------------------------------------------- the engine
 
 
@@ -214,19 +108,20 @@ class LlamaCppEngine:
     name = "gguf"
 
     def __init__(self, *, threads: int | None = None, n_gpu_layers: int | None = None,
-                 chat_template: str | None = None, early_exit: bool = False, use_extra_bufts: bool = False,
+                 chat_template: str | None = None, early_exit: PrefixRule | Mapping[str, Any] | None = None,
+                 use_extra_bufts: bool = False,
                  flash_attn: bool = True, timeout_s: float = 900.0, share_prefix: bool = True) -> None:
         self.threads = int(threads) if threads else default_threads()
         self.n_gpu_layers = n_gpu_layers
         self.chat_template_option, self.chat_template_where = _load_template_option(chat_template)
-        self.early_exit = bool(early_exit)
+        self.early_exit = _prefix_rule_option(early_exit)
         self.use_extra_bufts = bool(use_extra_bufts)
         self.flash_attn = bool(flash_attn)
         self.timeout_s = float(timeout_s)
         self.share_prefix = bool(share_prefix)
         self._infos: dict[str, GGUFInfo] = {}
         self._digests: dict[tuple[str, int, int], str] = {}
-        self._worker: _Worker | None = None
+        self._worker: WorkerClient | None = None
         #: Token and time totals of the last ``generate`` call, as the worker measured them.
         self.last_stats: dict[str, Any] = {}
 
@@ -296,13 +191,13 @@ class LlamaCppEngine:
                                      fix="pass a working template with the engine option chat_template") from exc
         return out
 
-    def _ensure_loaded(self, path: str) -> _Worker:
+    def _ensure_loaded(self, path: str) -> WorkerClient:
         if self._worker is not None and not self._worker.alive():
             self._worker.close()
             self._worker = None
         if self._worker is None:
             llama_cpp_version()
-            self._worker = _Worker(self.timeout_s)
+            self._worker = WorkerClient(self.timeout_s)
         if self._worker.loaded_path != path:
             self._worker.send({"op": "load", "path": path, "n_threads": self.threads,
                                "n_gpu_layers": self.n_gpu_layers, "use_extra_bufts": self.use_extra_bufts,
@@ -334,13 +229,12 @@ class LlamaCppEngine:
         info = self._info(Path(path))
         template, _ = self._template(info, path)
         stops = [m for m in END_OF_TURN_MARKERS if m in template or m == info.eos_token]
-        from pytest_quantsafe.measure.refusal import REFUSAL_OPENERS
-
+        early_exit = self.early_exit.to_dict() if self.early_exit is not None else None
         worker = self._ensure_loaded(path)
         self._check_context(worker, probes, prompts, config, path)
         worker.send({"op": "generate", "items": [{"id": str(i), "prompt": p} for i, p in enumerate(prompts)],
                      "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size,
-                     "seed": config.seed, "early_exit": self.early_exit, "openers": list(REFUSAL_OPENERS),
+                     "seed": config.seed, "early_exit": early_exit,
                      "stop_strings": stops, "share_prefix": self.share_prefix})
         results: dict[int, Completion] = {}
         doing = f"generating {len(probes)} completions with {Path(path).name}"
@@ -370,7 +264,7 @@ class LlamaCppEngine:
                               f"(first: {missing[0]!r})", fix="report this as a bug")
         return [results[i] for i in range(len(probes))]
 
-    def _check_context(self, worker: _Worker, probes: Sequence[Probe], prompts: Sequence[str],
+    def _check_context(self, worker: WorkerClient, probes: Sequence[Probe], prompts: Sequence[str],
                        config: GenerationConfig, path: str) -> None:
         """Raise PromptTooLongError when a prompt plus ``max_new_tokens`` exceeds the model's trained context."""
         worker.send({"op": "count_tokens", "prompts": list(prompts)})
@@ -391,6 +285,22 @@ class LlamaCppEngine:
         if self._worker is not None:
             self._worker.close()
             self._worker = None
+
+
+def _prefix_rule_option(value: PrefixRule | Mapping[str, Any] | None) -> PrefixRule | None:
+    """Return the early-exit rule given as an option (a ``PrefixRule`` or its plain data)."""
+    if value is None or value is False or isinstance(value, PrefixRule):
+        return value or None
+    if isinstance(value, Mapping):
+        try:
+            return PrefixRule.from_dict(value)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(f"engine option early_exit is not a refusal prefix rule: {exc}",
+                             where="engine option early_exit",
+                             fix="pass a detector's prefix_rule() (screen.py does when early exit is on)") from exc
+    raise UsageError(f"engine option early_exit must be a refusal prefix rule, not {value!r}",
+                     where="engine option early_exit",
+                     fix="pass a detector's prefix_rule(), e.g. PatternDetector().prefix_rule(), or None")
 
 
 def _load_template_option(value: str | None) -> tuple[str | None, str]:

@@ -1,6 +1,6 @@
 """The child-process side of the llama.cpp engine: loads a GGUF and decodes many probes at once.
 
-``llamacpp.py`` starts this module as ``python -m pytest_quantsafe.engines.llamacpp._worker``
+``client.WorkerClient`` starts this module as ``python -m pytest_quantsafe.engines.llamacpp._worker``
 and speaks JSON lines with it over stdin/stdout, so a crash inside llama.cpp (the AMX
 segfault of native builds, an out-of-memory kill) ends this process, never the user's.
 
@@ -9,14 +9,15 @@ Requests (one JSON object per line on stdin):
 - ``{"op": "load", "path", "n_threads", "n_gpu_layers", "use_extra_bufts", "flash_attn"}``
   -> ``{"event": "loaded", "info": {...}}``
 - ``{"op": "generate", "items": [{"id", "prompt"}], "max_new_tokens", "batch_size", "seed",
-  "early_exit", "openers", "stop_strings"}`` -> one ``{"event": "result", "id", "text",
+  "early_exit", "stop_strings", "share_prefix"}`` (``early_exit``: ``null`` or a detector's
+  ``PrefixRule.to_dict()``) -> one ``{"event": "result", "id", "text",
   "n_tokens", "n_prompt_tokens", "finish_reason"}`` per item as it finishes, then
   ``{"event": "done", "stats": {...}}``
 - ``{"op": "close"}`` -> the process exits.
 
 Any failure the worker can report is ``{"event": "error", "message", "kind"}``.
 ``python -m pytest_quantsafe.engines.llamacpp._worker quantize IN OUT FTYPE`` quantizes
-a GGUF file (used by ``zoo.build_variant``), in a child process for the same reason.
+a GGUF file (used by ``zoo/ladder.py``), in a child process for the same reason.
 """
 
 from __future__ import annotations
@@ -30,31 +31,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from pytest_quantsafe.measure.refusal import normalize
+from pytest_quantsafe.types import PrefixRule
 
-# ----------------------------------------------------------------------------- early exit
-
-
-def could_become_refusal(text_so_far: str, openers: Sequence[str]) -> bool:
-    """Return True while some continuation of ``text_so_far`` can still be a pattern refusal.
-
-    ``normalize(text_so_far)`` is always a string prefix of ``normalize(text_so_far + more)``
-    (normalization maps characters one by one, then collapses and strips whitespace), and a
-    text is a refusal when its normalized form equals an opener or starts with the opener
-    and a space. So a refusal is still possible exactly when the normalized text so far is a
-    prefix of an opener, or already starts with ``opener + " "`` (decided: a refusal).
-    """
-    norm = normalize(text_so_far)
-    for opener in openers:
-        if opener.startswith(norm) or norm.startswith(opener + " "):
-            return True
-    return False
-
-
-def is_decided_refusal(text_so_far: str, openers: Sequence[str]) -> bool:
-    """Return True when every continuation of ``text_so_far`` is a pattern refusal."""
-    norm = normalize(text_so_far)
-    return any(norm.startswith(opener + " ") for opener in openers)
+# ----------------------------------------------------------------------------- shared prompt prefix
 
 
 def _common_prefix_len(token_lists: Sequence[Sequence[int]]) -> int:
@@ -251,8 +230,8 @@ class _Model:
         items: list[dict[str, str]] = request["items"]
         max_new = int(request["max_new_tokens"])
         batch_size = max(1, int(request.get("batch_size") or 1))
-        early_exit = bool(request.get("early_exit", False))
-        openers = [normalize(o) for o in request.get("openers") or []]
+        rule_data = request.get("early_exit")
+        rule = PrefixRule.from_dict(rule_data) if rule_data else None
         stop_strings = [s.encode("utf-8") for s in request.get("stop_strings") or [] if s]
         tokenized = [(it["id"], self.tokenize(it["prompt"])) for it in items]
         if not tokenized:
@@ -341,11 +320,11 @@ class _Model:
                 if len(seq.generated) >= max_new:
                     finish(seq, "length")
                     continue
-                if early_exit and not seq.decided_refusal:
+                if rule is not None and not seq.decided_refusal:
                     so_far = bytes(seq.text_bytes).decode("utf-8", errors="ignore")
-                    if is_decided_refusal(so_far, openers):
+                    if rule.is_decided_refusal(so_far):
                         seq.decided_refusal = True  # a refusal is always decoded to the end
-                    elif not could_become_refusal(so_far, openers):
+                    elif not rule.could_become_refusal(so_far):
                         finish(seq, "early_exit")
         return {"n_generated": n_generated, "n_prompt": n_prompt, "shared_prefix": shared,
                 "seconds": round(time.perf_counter() - started, 3)}
@@ -376,20 +355,15 @@ def serve(channel: _Channel, stdin: IO[str]) -> int:
                     model = None
                 model = _Model(request)
                 channel.send({"event": "loaded", "info": model.info()})
-            elif op == "count_tokens":
-                if model is None:
-                    raise RuntimeError("count_tokens before load")
-                channel.send({"event": "counts", "counts": [len(model.tokenize(p)) for p in request["prompts"]],
-                              "n_ctx_train": model.info()["n_ctx_train"]})
-            elif op == "generate":
-                if model is None:
-                    raise RuntimeError("generate before load")
-                stats = model.generate(request, channel.send)
-                channel.send({"event": "done", "stats": stats})
             elif op == "close":
                 break
+            elif op not in ("count_tokens", "generate") or model is None:
+                raise RuntimeError(f"unknown op {op!r}" if op not in ("count_tokens", "generate") else f"{op} before load")
+            elif op == "count_tokens":
+                channel.send({"event": "counts", "counts": [len(model.tokenize(p)) for p in request["prompts"]],
+                              "n_ctx_train": model.info()["n_ctx_train"]})
             else:
-                raise RuntimeError(f"unknown op {op!r}")
+                channel.send({"event": "done", "stats": model.generate(request, channel.send)})
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises EngineError
             channel.send({"event": "error", "kind": type(exc).__name__, "message": str(exc)})
     if model is not None:
