@@ -235,6 +235,7 @@ def generate_key(out: str | Path, *, algorithm: str = "ec-p256", password: str |
         if path.exists() and not overwrite:
             raise InputError("refusing to overwrite an existing key file", where=str(path),
                              fix="choose another --out path or delete the old key deliberately")
+        _util.check_writable(path, "key file", folder=False)
     if algorithm == "ec-p256":
         private: Any = ec.generate_private_key(ec.SECP256R1())
     elif algorithm == "ed25519":

@@ -187,7 +187,11 @@ class HFEngine:
             try:
                 config = json.loads(config_path.read_text())
             except ValueError as exc:
-                raise ModelLoadError(f"config.json is not JSON: {exc}", where=str(config_path)) from exc
+                raise ModelLoadError(f"config.json is not JSON: {exc}", where=str(config_path),
+                                     fix="restore the checkpoint's config.json (download or copy it again)") from exc
+            if not isinstance(config, dict):
+                raise ModelLoadError("config.json is not a JSON object", where=str(config_path),
+                                     fix="restore the checkpoint's config.json (download or copy it again)")
             if not weights:
                 raise ModelLoadError(f"{folder} holds no weight files", where=str(folder),
                                      fix="the folder needs *.safetensors (or *.bin) next to config.json")
