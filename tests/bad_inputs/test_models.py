@@ -127,10 +127,8 @@ CASES: dict[str, Callable[[Path, Path], str]] = {f.__name__.strip("_"): f for f 
 def test_bad_model_is_an_input_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], outputs: Path,
                                      smollm2_gguf: Path, cache_key: Path, case: str, role: str) -> None:
     bad = CASES[case](tmp_path, smollm2_gguf)
-    from pytest_quantsafe import zoo
-
-    good = str(zoo.build_variant("smollm2", "F16"))
-    baseline, candidate = (bad, str(smollm2_gguf)) if role == "baseline" else (good, bad)
+    # The good side is a real model: a bad baseline fails first, a bad candidate after the baseline resolved.
+    baseline, candidate = (bad, str(smollm2_gguf)) if role == "baseline" else (str(smollm2_gguf), bad)
     check_case(capsys, outputs, ["screen", "--baseline", baseline, "--candidate", candidate,
                                  "--out", str(outputs), "--no-progress", "--cache-dir", str(tmp_path / "cache")], 2,
                names=[bad] if bad else [])

@@ -148,7 +148,13 @@ class LlamaCppEngine:
     def resolve(self, ref: str) -> Artifact:
         """Return the artifact for a .gguf path: sha256, quantization, tensor types and metadata digests."""
         path = safe_path(ref, "model file")
-        info = self._info(path)
+        try:
+            info = self._info(path)
+        except ModelLoadError as exc:
+            if str(path) == ref:
+                raise
+            # Name the path the user gave, not only where its links led.
+            raise ModelLoadError(exc.message, where=f"{ref} (resolves to {exc.where})", fix=exc.fix) from None
         template, source = self._template(info, ref)
         stat = path.stat()
         key = (str(path), stat.st_size, stat.st_mtime_ns)
