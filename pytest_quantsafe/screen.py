@@ -22,6 +22,7 @@ from typing import Any
 from pytest_quantsafe._util import safe_name
 from pytest_quantsafe.engines.base import Engine, detect_engine, engine_options_from, get_engine
 from pytest_quantsafe.engines.cache import CompletionCache, default_root
+from pytest_quantsafe.engines.options import option_table
 from pytest_quantsafe.engines.pairing import check_matched_pair
 from pytest_quantsafe.engines.progress import GenerationProgress
 from pytest_quantsafe.errors import EngineError, ProbeSetError, PromptTooLongError, UsageError
@@ -173,6 +174,10 @@ class _Engines:
     def get(self, name: str, *, full_text: bool = False) -> tuple[Engine, dict[str, Any]]:
         """Return (engine, its options); ``full_text`` forces early exit off."""
         chosen = engine_options_for(name, self.options)
+        # With engine "auto" one option set serves every engine a screening uses: each gets
+        # the options its table has (a key no engine knows still reaches create, which refuses it).
+        own, known = option_table(name), option_table("auto")
+        chosen = {k: v for k, v in chosen.items() if k in own or k not in known}
         early = bool(chosen.pop(EARLY_EXIT_OPTION, False)) and not full_text and self.rule is not None
         if name in EARLY_EXIT_ENGINES:
             chosen[EARLY_EXIT_OPTION] = self.rule if early else None

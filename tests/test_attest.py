@@ -453,7 +453,7 @@ def test_model_directory_round_trip(tmp_path: Path, smollm2_gguf: Path, keypair:
     with pytest.raises(VerificationFailed, match="matches none of the given files"):
         verify_with_key(path, [shards[0]], keypair["public_key"])  # one shard missing
     assert main(["verify", str(path), "--artifact", str(model), "--key", keypair["public_key"], "--json"]) == 0
-    shown = json.loads(capsys.readouterr().out)
+    shown = json.loads(capsys.readouterr().out)["result"]
     assert shown["verified"] is True and shown["band"] == "LOW" and len(shown["subjects"]) == 3
     assert shown["identity"] == keypair["key_id"] and shown["limits"] == LIMITS_SENTENCE
 

@@ -147,6 +147,16 @@ def test_malformed_marker_policy_is_a_usage_error(pytester: pytest.Pytester, evi
     result.stderr.fnmatch_lines(["*@pytest.mark.quant_safety policy*", "*moderate < high*", "*key bands (line 2)*"])
 
 
+def junit_candidates(xml: Path) -> dict[str, dict[str, str]]:
+    """Return {candidate: {property: value}} from the suite properties ``quantsafe_<field>[<candidate>]``."""
+    found: dict[str, dict[str, str]] = {}
+    for prop in ET.parse(xml).getroot().iter("property"):
+        name, _, candidate = prop.get("name", "").partition("[")
+        if name.startswith("quantsafe_") and candidate.endswith("]"):
+            found.setdefault(candidate[:-1], {})[name] = prop.get("value", "")
+    return found
+
+
 def test_several_candidates_one_item_each_and_junit_properties(pytester: pytest.Pytester,
                                                                evidence: dict[str, Path]) -> None:
     pytester.makepyfile(USES_FIXTURE)
@@ -157,16 +167,21 @@ def test_several_candidates_one_item_each_and_junit_properties(pytester: pytest.
                                 f"--junitxml={xml}")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*test_gate[[]q2_k.json[]] FAILED*", "*test_gate[[]q8_0.json[]] PASSED*"])
-    cases = {c.get("name"): {p.get("name"): p.get("value") for p in c.iter("property")}
-             for c in ET.parse(xml).getroot().iter("testcase")}
-    assert set(cases) == {"test_gate[q2_k.json]", "test_gate[q8_0.json]"}
-    high, low = cases["test_gate[q2_k.json]"], cases["test_gate[q8_0.json]"]
+    # pytest's default junit_family is xunit2: suite properties, no warning from quantsafe.
+    assert "quantsafe" not in "\n".join(line for line in result.outlines if "Warning" in line)
+    assert "record_property is incompatible" not in result.stdout.str()
+    cases = junit_candidates(xml)
+    assert set(cases) == {"q2_k.json", "q8_0.json"}
+    high, low = cases["q2_k.json"], cases["q8_0.json"]
     assert (high["quantsafe_band"], high["quantsafe_verdict"]) == ("HIGH", "fail")
     assert (low["quantsafe_band"], low["quantsafe_verdict"]) == ("LOW", "pass")
     assert float(high["quantsafe_rtsi"]) >= 0.40 and float(low["quantsafe_rtsi"]) < 0.10
     assert low["quantsafe_record"] == str(out / "q8_0.json" / "record.json")
     recorded = json.loads(Path(high["quantsafe_record"]).read_text())
     assert f"{recorded['screening']['rtsi']:.4f}" == high["quantsafe_rtsi"]
+    page = (out / "report.html").read_text(encoding="utf-8")  # the session writes the run's report
+    result.stdout.fnmatch_lines([f"*quantsafe report: {out / 'report.html'}*"])
+    assert 'data-candidate="q2_k.json" data-band="HIGH"' in page and 'data-candidate="q8_0.json" data-band="LOW"' in page
 
 
 def test_screening_is_cached_per_session_across_tests(pytester: pytest.Pytester,
@@ -325,14 +340,13 @@ def test_manifests_from_real_completions_match_direct_screening(pytester: pytest
     xml = pytester.path / "junit.xml"
     result = pytester.runpytest("-v", "--quantsafe-manifest", str(folder / "*.json"), "--quantsafe-policy",
                                 str(tiny_file), f"--junitxml={xml}")
-    cases = {c.get("name"): {p.get("name"): p.get("value") for p in c.iter("property")}
-             for c in ET.parse(xml).getroot().iter("testcase")}
+    cases = junit_candidates(xml)
     for file_name, r in direct.items():
-        props = cases[f"test_policy_passes[{file_name}]"]
+        props = cases[file_name]
         # The manifest carries aggregates only; the verdict must be the one the direct screening got.
         assert props["quantsafe_verdict"] == r.verdict.outcome == decide(r.screening, tiny).outcome
         assert props["quantsafe_rtsi"] == ("" if r.screening.rtsi is None else f"{r.screening.rtsi:.4f}")
-    assert cases["test_policy_passes[smollm2-q2_k.json]"]["quantsafe_verdict"] == "insufficient"
+    assert cases["smollm2-q2_k.json"]["quantsafe_verdict"] == "insufficient"
     n_pass = sum(p["quantsafe_verdict"] == "pass" for p in cases.values())
     result.assert_outcomes(passed=n_pass, failed=3 - n_pass)
     advisory = pytester.runpytest("--quantsafe-manifest", str(folder / "smollm2-q2_k.json"),

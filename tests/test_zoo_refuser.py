@@ -206,3 +206,11 @@ def test_build_record_names_what_the_fixture_depends_on(refuser_f16):
     # the loss really fell: the fine-tune learned its data
     assert record["last_epoch_mean_loss"] < 0.5 * record["first_loss"]
     assert zoo.build_variant("refuser", "F16") == refuser_f16
+
+
+def test_training_process_failure_is_a_model_load_error_not_a_traceback(tmp_path, capfd):
+    """The fine-tune runs in a child (OMP_WAIT_POLICY=PASSIVE set before torch starts); its failure comes back typed."""
+    with pytest.raises(ModelLoadError, match="the refuser fine-tune failed: .*Error") as info:
+        zoo_refuser.train_in_child(tmp_path / "no-checkpoint", tmp_path / "out" / "hf")
+    assert info.value.fix and "Traceback" not in capfd.readouterr().err
+    assert not (tmp_path / "out" / "training-result.json").exists()

@@ -39,15 +39,16 @@ from pytest_quantsafe.action.summary import (
     worst,
 )
 from pytest_quantsafe.cli.screen import worst_exit_code
+from pytest_quantsafe.engines.options import api_key_variable, parse_engine_options, split_option_list
 from pytest_quantsafe.errors import (
     EXIT_GATE_FAILED,
     EXIT_INSUFFICIENT,
     EXIT_PASS,
     EXIT_USAGE,
     InputError,
-    QuantSafeError,
     SigningError,
     UsageError,
+    from_exception,
 )
 from pytest_quantsafe.policy import load_policy
 from pytest_quantsafe.types import LIMITS_SENTENCE
@@ -145,6 +146,8 @@ def prepare(environ: Mapping[str, str], root: Path) -> dict[str, str]:
         # Fail here, naming the file, key and line, rather than as a pytest usage error later.
         is_path = "/" in policy or policy.endswith((".yaml", ".yml"))
         load_policy(root / policy if is_path and not os.path.isabs(policy) else policy)
+    option_items = split_option_list(environ.get("QS_ENGINE_OPTIONS", ""))
+    parse_engine_options(engine, option_items, where="input engine-options")
     out = _env(environ, "QS_OUT")
     if not out:
         raise UsageError("no output folder given", where="QS_OUT")
@@ -161,7 +164,7 @@ def prepare(environ: Mapping[str, str], root: Path) -> dict[str, str]:
     }
     optional = {"QUANTSAFE_BASELINE": baseline, "QUANTSAFE_CANDIDATES": "\n".join(candidates),
                 "QUANTSAFE_MANIFEST": "\n".join(manifests), "QUANTSAFE_POLICY": _env(environ, "QS_POLICY"),
-                "QUANTSAFE_PROBES": _env(environ, "QS_PROBES")}
+                "QUANTSAFE_PROBES": _env(environ, "QS_PROBES"), "QUANTSAFE_ENGINE_OPTIONS": "\n".join(option_items)}
     env.update({key: value for key, value in optional.items() if value})
     return env
 
@@ -216,7 +219,13 @@ def build_report(out_dir: Path, *, expected: int | None = None, pytest_exit: int
     if not results or missing:
         problems.append(f"{missing or expected or 'the'} candidate(s) produced no screening record in {out_dir}")
         code = worst_exit_code([code, EXIT_INSUFFICIENT])
-    if pytest_exit not in (None, 0, 1):
+    if pytest_exit not in (None, 0) and junit_path is not None and junit is None:
+        # pytest writes its JUnit XML whenever it runs at all: without it pytest itself did not
+        # start (not installed, broken environment); report that, not the missing records.
+        problems.insert(0, f"the gate suite could not run: pytest exited {pytest_exit} and wrote no JUnit XML "
+                           f"({junit_path}); see the gate step's log")
+        code = EXIT_USAGE
+    elif pytest_exit not in (None, 0, 1):
         # pytest 2-5: interrupted, internal error, usage error (a bad option, policy or probe
         # file), no tests collected. The gate did not run as configured: a usage/input error.
         problems.append(f"the gate suite could not run (pytest exited {pytest_exit}); see the gate step's log")
@@ -293,13 +302,20 @@ def _write(path: str | None, text: str) -> None:
 
 
 def _cmd_prepare(args: argparse.Namespace, out: TextIO) -> int:
+    if os.environ.get("QS_API_KEY"):
+        # Before anything else is printed: the runner hides the key in every later log line.
+        out.write(f"::add-mask::{os.environ['QS_API_KEY']}\n")
+        out.flush()
     env = prepare(os.environ, Path(os.environ.get("GITHUB_WORKSPACE") or os.getcwd()))
+    key_variable = api_key_variable(env.get("QUANTSAFE_ENGINE", "auto"),
+                                    split_option_list(env.get("QUANTSAFE_ENGINE_OPTIONS", "")))
     if os.environ.get("GITHUB_ENV"):
         append_file_command(os.environ["GITHUB_ENV"], env)
     count = subject_count(env)
     if os.environ.get("GITHUB_OUTPUT"):
         append_file_command(os.environ["GITHUB_OUTPUT"], {"out": env["QUANTSAFE_OUT"],
-                                                          "candidate-count": str(count)})
+                                                          "candidate-count": str(count),
+                                                          "api-key-env": key_variable})
     out.write(f"quantsafe: {count} screening(s), baseline {env.get('QUANTSAFE_BASELINE', '(from manifests)')}, "
               f"engine {env['QUANTSAFE_ENGINE']}\n")
     return EXIT_PASS
@@ -379,8 +395,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args, stream))
-    except QuantSafeError as exc:
-        stream.write(annotation("error", exc.diagnostics(), title=f"quantsafe {exc.code}") + "\n")
-        sys.stderr.write(exc.diagnostics() + "\n")
-        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001  # QuantSafeError, or a third-party failure typed here
+        error = from_exception(exc, f"action step {args.command}")
+        stream.write(annotation("error", error.diagnostics(), title=f"quantsafe {error.code}") + "\n")
+        sys.stderr.write(error.diagnostics() + "\n")
+        return error.exit_code
 

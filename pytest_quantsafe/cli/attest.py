@@ -18,6 +18,7 @@ from pytest_quantsafe._util import check_writable, write_atomic
 from pytest_quantsafe.attest import sign as attest
 from pytest_quantsafe.attest.sign import generate_key
 from pytest_quantsafe.attest.verify import SignerPolicy, verify_keyless, verify_with_key
+from pytest_quantsafe.cli.jsonout import add_json_flag, set_result
 from pytest_quantsafe.errors import EXIT_PASS, InputError, UsageError, VerificationFailed
 from pytest_quantsafe.record.check import check_record
 from pytest_quantsafe.types import LIMITS_SENTENCE
@@ -45,6 +46,7 @@ def register(subparsers: Any) -> None:
                    help="Sigstore ClientTrustConfig JSON (default: Sigstore production)")
     p.add_argument("--identity-token", metavar="JWT",
                    help="explicit OIDC token (default: $SIGSTORE_IDENTITY_TOKEN, then ambient detection)")
+    add_json_flag(p)
     p.set_defaults(func=_attest)
 
     v = subparsers.add_parser(
@@ -66,7 +68,7 @@ def register(subparsers: Any) -> None:
     v.add_argument("--trusted-root", metavar="FILE",
                    help="pinned Sigstore trusted_root.json (default: the root shipped with sigstore; "
                         "never refreshed over the network)")
-    v.add_argument("--json", action="store_true", help="print the verified facts as JSON")
+    add_json_flag(v)
     v.set_defaults(func=_verify)
 
     k = subparsers.add_parser("keygen", help="create a signing key pair for key-mode attestations",
@@ -124,6 +126,10 @@ def _attest(args: argparse.Namespace) -> int:
     for s in statement["subject"]:
         sys.stdout.write(f"  subject: {s['name']} sha256:{s['digest']['sha256']}\n")
     sys.stdout.write(f"  predicateType: {attest.PREDICATE_TYPE}\n  {LIMITS_SENTENCE}\n")
+    set_result(args, {"output": str(out), "signed": not args.predicate_only, "how": how,
+                      "predicate_type": attest.PREDICATE_TYPE,
+                      "subjects": [{"name": s["name"], "sha256": s["digest"]["sha256"]} for s in statement["subject"]],
+                      "limits": LIMITS_SENTENCE})
     return EXIT_PASS
 
 
@@ -151,12 +157,10 @@ def _verify_checked(args: argparse.Namespace) -> int:
         policy = SignerPolicy(issuer=args.issuer, identity=args.identity, identity_pattern=args.identity_pattern,
                               repository=args.repository, workflow=args.workflow, ref=args.ref)
         result = verify_keyless(args.bundle, args.artifact, policy, trusted_root=args.trusted_root)
-    if args.json:
-        sys.stdout.write(json.dumps({
-            "verified": True, "method": result.method, "identity": result.signer, "issuer": result.issuer,
-            "subjects": [{"name": n, "sha256": d} for n, d in result.subjects], "band": result.band,
-            "rtsi": result.rtsi, "outcome": result.outcome, "limits": LIMITS_SENTENCE}, indent=2) + "\n")
-        return EXIT_PASS
+    set_result(args, {
+        "verified": True, "method": result.method, "identity": result.signer, "issuer": result.issuer,
+        "subjects": [{"name": n, "sha256": d} for n, d in result.subjects], "band": result.band,
+        "rtsi": result.rtsi, "outcome": result.outcome, "limits": LIMITS_SENTENCE})
     label = "keyless Sigstore bundle" if result.method == "keyless" else "DSSE envelope, pinned key"
     lines = [f"verified: quantsafe screening attestation ({label})"]
     if result.method == "keyless":

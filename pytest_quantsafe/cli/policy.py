@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from pytest_quantsafe.cli.jsonout import add_json_flag, set_result
 from pytest_quantsafe.errors import EXIT_PASS, ProbeSetError
 from pytest_quantsafe.policy import diff_policies, load_policy
 from pytest_quantsafe.probes import load_probes
@@ -19,12 +20,14 @@ def register(subparsers: Any) -> None:
     sub.required = True
     check = sub.add_parser("check", help="validate a policy file and print its effective settings")
     check.add_argument("policy", help="policy YAML path or packaged name (default, strict, advisory)")
+    add_json_flag(check)
     check.set_defaults(func=_check)
     diff = sub.add_parser("diff", help="print what NEW loosens or tightens compared with OLD, per key")
     diff.add_argument("old", help="the policy before the change (path or packaged name)")
     diff.add_argument("new", help="the policy after the change (path or packaged name)")
     diff.add_argument("--fail-on-loosen", action="store_true",
                       help="exit 1 when the change loosens any key (for a PR check)")
+    add_json_flag(diff)
     diff.set_defaults(func=_diff)
 
 
@@ -58,6 +61,9 @@ def _check(args: argparse.Namespace) -> int:
         out.append(f"  {key:<14} {text}" if len(key) <= 14 else f"  {key} {text}")
     out.append(LIMITS_SENTENCE)
     sys.stdout.write("\n".join(out) + "\n")
+    set_result(args, {"valid": True, "name": policy.name, "source": str(policy.source), "digest": policy.digest,
+                      "calibration": {"name": policy.calibration.name, "digest": policy.calibration.digest},
+                      "policy": data, "limits": LIMITS_SENTENCE})
     return EXIT_PASS
 
 
@@ -76,4 +82,8 @@ def _diff(args: argparse.Namespace) -> int:
     if n_loose:
         out.append("review: this change loosens the release gate")
     sys.stdout.write("\n".join(out) + "\n")
+    set_result(args, {"old": str(old.source), "new": str(new.source),
+                      "changes": [{"key": c.key, "old": c.old, "new": c.new, "direction": c.direction}
+                                  for c in changes],
+                      "summary": {"tightens": n_tight, "loosens": n_loose, "other": n_other}})
     return 1 if (args.fail_on_loosen and n_loose) else EXIT_PASS

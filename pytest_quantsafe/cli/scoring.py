@@ -15,6 +15,7 @@ from typing import Any
 
 from pytest_quantsafe import __version__
 from pytest_quantsafe._util import check_writable, write_atomic
+from pytest_quantsafe.cli.jsonout import add_json_flag, set_result
 from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_INSUFFICIENT, EXIT_PASS, InputError, UsageError
 from pytest_quantsafe.record.build import calibration_block, normalize_floats
 from pytest_quantsafe.record.manifest import (
@@ -24,7 +25,7 @@ from pytest_quantsafe.record.manifest import (
     profiles_from_record,
     screen_request,
 )
-from pytest_quantsafe.record.render import render_card
+from pytest_quantsafe.record.render import card_data, render_card
 from pytest_quantsafe.score.calibration import (
     calibration_from_mapping,
     dump_calibration,
@@ -107,9 +108,10 @@ def _score_csv(args: argparse.Namespace) -> int:
                              f"{got['status']:<18} {got['band']!s:<9} {','.join(got['flags'])}\n")
         failed = [c for c in checks if not c["ok"]]
         sys.stdout.write(f"self-test: {len(checks) - len(failed)}/{len(checks)} cases as expected\n")
+        set_result(args, normalize_floats({"self_test": checks, "n_cases": len(checks), "n_failed": len(failed)}))
         return EXIT_GATE_FAILED if failed else EXIT_PASS
-    if not args.input or not args.output:
-        raise UsageError("score-csv needs --input and --output (or --self-test)",
+    if not args.input or not (args.output or args.json):
+        raise UsageError("score-csv needs --input and --output (or --json, or --self-test)",
                          fix="quantsafe score-csv --input cells.csv --output rtsi.json")
     _check_output(args.output)
     text, raw = read_csv_text(Path(args.input))
@@ -131,7 +133,9 @@ def _score_csv(args: argparse.Namespace) -> int:
         "summary": {"n_cells": len(cells), "bands": bands, "insufficient_data": len(insufficient)},
         "limits": _limits(),
     })
-    _write_text(args.output, _json_text(result))
+    if args.output:
+        _write_text(args.output, _json_text(result))
+    set_result(args, result)
     sys.stderr.write(f"scored {len(cells)} cells: LOW {bands['LOW']}, MODERATE {bands['MODERATE']}, "
                      f"HIGH {bands['HIGH']}, insufficient_data {len(insufficient)} -> {args.output}\n")
     for cell in insufficient:
@@ -185,6 +189,10 @@ def _calibrate(args: argparse.Namespace) -> int:
         out.write(f"  {t['screen']:<29} routed {t['routed']}/{t['danger_total']}  "
                   f"LOW {t['low_bucket']}/{t['n_rows']}\n")
     out.write(f"wrote {args.output} (is_recalibrated: true)\n{_limits()}\n")
+    set_result(args, normalize_floats({
+        "output": args.output, "name": cal.name, "n_rows": report["n_rows"], "weights": report["weights"],
+        "ranges": report["ranges"], "loocv": report["loocv"], "family_auc": report["family_auc"],
+        "table3": report["table3"], "is_recalibrated": True, "limits": _limits()}))
     return EXIT_PASS
 
 
@@ -194,7 +202,11 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _card(args: argparse.Namespace) -> int:
     _check_output(args.output)
     record = _read_json(args.record, "screening record")
-    _write_text(args.output, render_card(record, source=args.record))
+    text = render_card(record, source=args.record)
+    if args.output or not args.json:
+        _write_text(args.output, text)
+    set_result(args, {"record": args.record, "output": args.output, "card": normalize_floats(card_data(record)),
+                      "yaml": text})
     return EXIT_PASS
 
 
@@ -204,7 +216,9 @@ def _card(args: argparse.Namespace) -> int:
 def _screen_manifest(args: argparse.Namespace) -> int:
     _check_output(args.output)
     response = screen_request(load_request(Path(args.request)), load_calibration(args.calibration))
-    _write_text(args.output, _json_text(response))
+    if args.output or not args.json:
+        _write_text(args.output, _json_text(response))
+    set_result(args, response)
     sys.stderr.write(f"provisional, unsigned: {response['status']} "
                      f"{response['classification'] or ''} RTSI "
                      f"{'n/a' if response['rtsi'] is None else round(response['rtsi'], 4)}\n{_limits()}\n")
@@ -242,6 +256,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--calibration", default="default", help="calibration profile name or YAML path")
     p.add_argument("--min-baseline-refusals", type=int, default=1, help="fewer baseline refusals: insufficient")
     p.add_argument("--self-test", action="store_true", help="score the built-in LOW/MODERATE/HIGH/... cases")
+    add_json_flag(p)
     p.set_defaults(func=_score_csv)
 
     p = subparsers.add_parser("calibrate", help="fit RTSI weights and ranges on a matrix; LOOCV, AUC, Table 3")
@@ -249,17 +264,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("--output", required=True, help="calibration profile YAML to write")
     p.add_argument("--name", help="profile name (default: the output file's stem)")
     p.add_argument("--report", help="also write the validation report as JSON")
+    add_json_flag(p)
     p.set_defaults(func=_calibrate)
 
     p = subparsers.add_parser("card", help="print the A.9 reporting card (YAML) of a screening record")
     p.add_argument("record", help="record.json")
     p.add_argument("--output", help="write the card here instead of stdout")
+    add_json_flag(p)
     p.set_defaults(func=_card)
 
     p = subparsers.add_parser("screen-manifest", help="screen an external-screen request (aggregate features)")
     p.add_argument("request", help="request JSON (quantsafe.external-screen.v1)")
     p.add_argument("--calibration", default="default", help="calibration profile name or YAML path")
     p.add_argument("--output", help="write the response here instead of stdout")
+    add_json_flag(p)
     p.set_defaults(func=_screen_manifest)
 
     p = subparsers.add_parser("manifest", help="write an external-screen request from two profiles or a record")

@@ -22,11 +22,20 @@ from typing import Any
 
 from pytest_quantsafe import zoo
 from pytest_quantsafe._util import check_writable, text_table
-from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_INSUFFICIENT, EXIT_PASS, EXIT_USAGE, UsageError
+from pytest_quantsafe.cli.jsonout import add_json_flag, set_result
+from pytest_quantsafe.errors import (
+    EXIT_GATE_FAILED,
+    EXIT_INSUFFICIENT,
+    EXIT_PASS,
+    EXIT_USAGE,
+    QuantSafeError,
+    UsageError,
+)
 from pytest_quantsafe.policy import load_policy
 from pytest_quantsafe.probes import load_probes, select
+from pytest_quantsafe.record.html import write_report
 from pytest_quantsafe.results import ScreeningResult
-from pytest_quantsafe.screen import result_name, screen_models
+from pytest_quantsafe.screen import output_name, result_name, screen_models
 from pytest_quantsafe.types import LIMITS_SENTENCE, ProbeSet, RefusalProfile
 
 #: Worst-first order of exit codes when several candidates are screened.
@@ -83,6 +92,8 @@ def register(subparsers: Any) -> None:
                    help="which ladder to screen (default: all)")
     d.add_argument("--full", action="store_true", help="screen the whole default probe set "
                    f"(default: {DEMO_HARMFUL} harmful + {DEMO_BENIGN} benign, category-stratified)")
+    d.add_argument("--max-probes", type=int, metavar="N",
+                   help="screen a category-stratified subset of N probes (2/3 harmful, 1/3 benign)")
     d.set_defaults(func=run_demo, out=None)
 
 
@@ -95,6 +106,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="generate every answer in full (default: stop an answer once the pattern detector "
                    "can no longer call it a refusal; records are the same either way)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an engine option (repeatable), typed by the engine's option table, e.g. digest=<sha256> "
+                   "or concurrency=8 for openai; secrets come from the environment (api_key_env=NAME)")
+    add_json_flag(p)
     p.add_argument("--judge", metavar="MODEL", help="a refusal-judge model (.gguf, HF folder, hf://, http(s)://): "
                    "records its refusal rates and flags measurement_divergence at >= 20 pp")
 
@@ -124,8 +139,10 @@ def _subset(probe_set: ProbeSet, max_probes: int | None) -> ProbeSet:
     return select(probe_set, n_harmful, n_benign)
 
 
-def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    options: dict[str, Any] = {}
+def _engine_options(args: argparse.Namespace, engine: str) -> dict[str, Any]:
+    from pytest_quantsafe.engines.options import parse_engine_options
+
+    options: dict[str, Any] = parse_engine_options(engine, args.engine_option)
     if args.no_early_exit:
         options["early_exit"] = False
     if args.threads is not None:
@@ -169,12 +186,52 @@ def _report(results: Sequence[ScreeningResult], out: Path | None) -> None:
 
 
 def _footer(results: Sequence[ScreeningResult], out: Path | None) -> None:
-    """Print where each candidate's records went, then the limits sentence."""
+    """Print where each candidate's records went and the report, then the limits sentence."""
     if out is not None:
         for r in results:
             if r.paths:
                 print(f"records of {result_name(r)}: {Path(r.paths['record']).parent}")
+        report = write_run_report(out)
+        if report is not None:
+            print(f"report: {report}")
     print(LIMITS_SENTENCE)
+
+
+def write_run_report(out: Path) -> Path | None:
+    """Write ``out/report.html``; a failure is a warning on stderr, since the records are already written."""
+    try:
+        return write_report(out)
+    except (QuantSafeError, OSError) as exc:
+        message = exc.diagnostics() if isinstance(exc, QuantSafeError) else str(exc)
+        sys.stderr.write(f"quantsafe: report.html not written (the records are): {message}\n")
+        return None
+
+
+def result_summary(r: ScreeningResult) -> dict[str, Any]:
+    """Return one candidate's screening as the ``--json`` document lists it."""
+    s = r.screening
+    return {
+        "candidate": result_name(r), "quantization": r.candidate.quantization,
+        "artifact_digest": r.candidate.digest, "baseline": output_name(r.baseline),
+        "status": s.status, "band": s.band, "rtsi": s.rtsi,
+        "rtsi_ci": list(s.rtsi_ci) if s.rtsi_ci is not None else None, "flags": list(s.flags),
+        "regime": s.regime,
+        "refusal_rate": {"baseline": s.baseline.refusal_rate, "candidate": s.candidate.refusal_rate},
+        "quality_delta_pp": (s.quality or {}).get("quality_delta_pp"),
+        "verdict": {"outcome": r.verdict.outcome, "exit_code": r.verdict.exit_code,
+                    "reasons": list(r.verdict.reasons),
+                    "broken_rules": [rule.rule for rule in r.verdict.rules if not rule.passed]},
+        "record": r.paths.get("record"),
+    }
+
+
+def _json_result(args: argparse.Namespace, results: Sequence[ScreeningResult], out: Path | None,
+                 exit_code: int) -> None:
+    report = out / "report.html" if out is not None and (out / "report.html").is_file() else None
+    set_result(args, {"candidates": [result_summary(r) for r in results],
+                      "out": str(out) if out is not None else None, "exit_code": exit_code,
+                      "report": str(report) if report is not None else None,
+                      "limits": LIMITS_SENTENCE})
 
 
 def _verdict_lines(results: Sequence[ScreeningResult]) -> list[str]:
@@ -203,13 +260,14 @@ def run_screen(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy)
     probe_set = _subset(load_probes(args.probes if args.probes else policy.probes), args.max_probes)
     results = screen_models(args.baseline, args.candidate, policy=policy, probes=probe_set, out_dir=args.out,
-                            engine=args.engine, engine_options=_engine_options(args), cache_dir=args.cache_dir,
+                            engine=args.engine, engine_options=_engine_options(args, args.engine), cache_dir=args.cache_dir,
                             progress=not args.no_progress, judge=args.judge, use_cache=not args.no_cache)
     _report(results, args.out)
     code = worst_exit_code([r.verdict.exit_code for r in results])
     summary = {EXIT_PASS: "quantsafe: pass (exit 0)", EXIT_GATE_FAILED: "quantsafe: gate failed (exit 1)",
                EXIT_INSUFFICIENT: "quantsafe: insufficient data (exit 3)"}
     sys.stderr.write("\n".join([*_verdict_lines(results), summary.get(code, f"quantsafe: exit {code}")]) + "\n")
+    _json_result(args, results, args.out, code)
     return code
 
 
@@ -220,8 +278,11 @@ def run_demo(args: argparse.Namespace) -> int:
         check_writable(args.out, "--out", folder=True)
     log = logging.getLogger("quantsafe.demo")
     policy = load_policy(args.policy)
+    options = _engine_options(args, "gguf")
     probe_set = load_probes(policy.probes)
-    if not args.full:
+    if args.max_probes is not None:
+        probe_set = _subset(probe_set, args.max_probes)
+    elif not args.full:
         probe_set = select(probe_set, min(DEMO_HARMFUL, len(probe_set.harmful)),
                            min(DEMO_BENIGN, len(probe_set.benign)))
     out = args.out if args.out is not None else Path("quantsafe-out") / "demo"
@@ -239,7 +300,7 @@ def run_demo(args: argparse.Namespace) -> int:
                  ", ".join(p.name for p in ladder[1:]), ladder[0].name, len(probe_set.harmful),
                  len(probe_set.benign))
         screened = screen_models(str(ladder[0]), [str(p) for p in ladder[1:]], policy=policy, probes=probe_set,
-                                 out_dir=out, engine="gguf", engine_options=_engine_options(args),
+                                 out_dir=out, engine="gguf", engine_options=options,
                                  cache_dir=args.cache_dir, progress=not args.no_progress, judge=args.judge)
         print(f"{what}: baseline {ladder[0].name}")
         print(format_table(screened))
@@ -249,4 +310,5 @@ def run_demo(args: argparse.Namespace) -> int:
     print("gate outcome per candidate (the demo itself exits 0):")
     for line in _verdict_lines(results):
         print(f"  {line}")
+    _json_result(args, results, out, EXIT_PASS)
     return EXIT_PASS

@@ -340,10 +340,15 @@ class HFEngine:
             torch.cuda.empty_cache()
 
 
+#: The options of ``create`` and their types (engines/options.py types ``KEY=VALUE`` strings by it).
+OPTIONS: dict[str, type] = {"device": str, "dtype": str, "threads": int, "gguf_file": str,
+                            "trust_remote_code": bool, "cache_dir": str, "chat_template": str}
+
+
 def create(**options: Any) -> HFEngine:
     """Return a transformers engine (options: device, dtype, threads, gguf_file, trust_remote_code,
     cache_dir, chat_template); an unknown option is a UsageError."""
-    known = {"device", "dtype", "threads", "gguf_file", "trust_remote_code", "cache_dir", "chat_template"}
+    known = set(OPTIONS)
     unknown = sorted(set(options) - known)
     if unknown:
         raise UsageError(f"the hf engine has no option {', '.join(unknown)}", where="engine options",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import socket
 import threading
@@ -74,7 +75,7 @@ class OpenAIEngine:
     name = "openai"
 
     def __init__(self, *, model: str | None = None, digest: str | None = None, api_key: str | None = None,
-                 quantization: str | None = None,
+                 api_key_env: str = "OPENAI_API_KEY", quantization: str | None = None,
                  concurrency: int = 4, timeout: float = 120.0, retries: int = 4, backoff: float = 0.5,
                  max_backoff: float = 8.0) -> None:
         if concurrency < 1:
@@ -91,7 +92,9 @@ class OpenAIEngine:
         self.model = model
         self.quantization = quantization or "unknown"
         self.digest = digest
-        self.api_key = api_key
+        # The key comes from the environment (front doors never take it as an option), and
+        # it is held only for the Authorization header: never logged, never recorded.
+        self.api_key = api_key or os.environ.get(api_key_env) or None
         self.concurrency = concurrency
         self.timeout = timeout
         self.retries = retries
@@ -261,16 +264,29 @@ class OpenAIEngine:
         """Nothing to release: each request opens its own connection."""
 
 
+#: The options of ``create`` and their types (engines/options.py types ``KEY=VALUE`` strings by it).
+OPTIONS: dict[str, type] = {"model": str, "digest": str, "api_key_env": str, "quantization": str,
+                            "concurrency": int, "timeout": float, "retries": int, "backoff": float,
+                            "max_backoff": float, "threads": int}
+
+
 def create(**options: Any) -> OpenAIEngine:
-    """Return an OpenAI-compatible engine (options: model, digest, api_key, quantization,
+    """Return an OpenAI-compatible engine (options: model, digest, api_key_env, quantization,
     concurrency, timeout, retries, backoff, max_backoff).
 
-    ``threads`` is accepted and ignored (the server decides its own threads), so one set of
-    engine options can serve a screening that mixes engines; any other option is a UsageError.
+    The API key is read from the environment variable ``api_key_env`` names (default
+    ``OPENAI_API_KEY``); a literal ``api_key`` option is refused, so a key never sits on a
+    command line. ``threads`` is accepted and ignored (the server decides its own threads),
+    so one set of engine options can serve a screening that mixes engines; any other
+    option is a UsageError.
     """
     options.pop("threads", None)
-    known = {"model", "digest", "api_key", "quantization", "concurrency", "timeout", "retries", "backoff",
-             "max_backoff"}
+    if "api_key" in options:
+        from pytest_quantsafe.engines.options import SECRET_OPTIONS
+
+        raise UsageError("the openai engine takes no api_key option", where="engine option api_key",
+                         fix=SECRET_OPTIONS["api_key"])
+    known = set(OPTIONS) - {"threads"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise UsageError(f"the openai engine has no option {', '.join(unknown)}", where="engine options",

@@ -36,6 +36,8 @@ OPTIONS: tuple[tuple[str, str, str, str, str], ...] = (
      "engine: auto (from the reference), gguf, hf or openai; default: auto"),
     ("quantsafe_threads", "--quantsafe-threads", "QUANTSAFE_THREADS", "int",
      "CPU threads for the engine"),
+    ("quantsafe_engine_options", "--quantsafe-engine-option", "QUANTSAFE_ENGINE_OPTIONS", "list",
+     "engine option KEY=VALUE, repeatable (env: newline/comma separated); secrets via api_key_env=NAME"),
     ("quantsafe_manifest", "--quantsafe-manifest", "QUANTSAFE_MANIFEST", "list",
      "external-screen manifest (precomputed refusal profiles) to screen as a candidate; repeatable"),
     ("quantsafe_sign", "--quantsafe-sign", "QUANTSAFE_SIGN", "bool",
@@ -45,6 +47,7 @@ OPTIONS: tuple[tuple[str, str, str, str, str], ...] = (
 )
 
 _SESSION_KEY: pytest.StashKey[QuantSafetySession] = pytest.StashKey()
+_RECORDED_KEY: pytest.StashKey[set[tuple[str, str]]] = pytest.StashKey()
 _REMOTE = ("http://", "https://", "hf://")
 _PATH_OPTIONS = {"quantsafe_baseline", "quantsafe_candidates", "quantsafe_probes", "quantsafe_out", "quantsafe_sign_key",
                  "quantsafe_manifest", "quantsafe_policy"}
@@ -82,6 +85,10 @@ def _setting(config: pytest.Config, ini: str, env: str, kind: str) -> Any:
         return cli
     raw = os.environ.get(env, "").strip()
     if raw:
+        if ini == "quantsafe_engine_options":
+            from pytest_quantsafe.engines.options import split_option_list
+
+            return split_option_list(raw)
         if kind == "list":
             return raw.split()
         if kind == "bool":
@@ -109,6 +116,9 @@ def _build_session(config: pytest.Config) -> QuantSafetySession:
         raise pytest.UsageError(f"error[usage]: --quantsafe-threads must be an integer, got "
                                 f"{got['quantsafe_threads']!r}") from None
     try:
+        from pytest_quantsafe.engines.options import parse_engine_options
+
+        engine = got["quantsafe_engine"] or "auto"
         options = GateOptions(
             baseline=got["quantsafe_baseline"],
             candidates=expand_refs(got["quantsafe_candidates"] or (), "candidate"),
@@ -120,6 +130,8 @@ def _build_session(config: pytest.Config) -> QuantSafetySession:
             threads=threads,
             sign=bool(got["quantsafe_sign"] or got["quantsafe_sign_key"]),
             sign_key=got["quantsafe_sign_key"],
+            engine_options=parse_engine_options(engine, got["quantsafe_engine_options"] or (),
+                                                where="--quantsafe-engine-option"),
         )
         if options.sign and options.out is None:
             raise UsageError("--quantsafe-sign signs the written records", fix="add --quantsafe-out DIR")
@@ -212,9 +224,27 @@ def quantsafe_subject() -> Subject | None:
     return None
 
 
+def _suite_recorder(config: pytest.Config, record_testsuite_property: Any) -> Any:
+    """Return ``record(name, value)`` writing each property once as a JUnit suite property.
+
+    Suite properties are what the xunit2 schema (pytest's default ``junit_family``)
+    accepts; per-test ``record_property`` warns under it. Names carry the candidate
+    (``quantsafe_rtsi[<candidate>]``), and a candidate screened by several tests is
+    written once.
+    """
+    seen: set[tuple[str, str]] = config.stash.setdefault(_RECORDED_KEY, set())
+
+    def record(name: str, value: object) -> None:
+        if (name, str(value)) not in seen:
+            seen.add((name, str(value)))
+            record_testsuite_property(name, value)
+
+    return record
+
+
 @pytest.fixture
 def quant_safety(request: pytest.FixtureRequest, quantsafe_subject: Subject | None,
-                 record_property: Any) -> QuantSafety:
+                 record_testsuite_property: Any) -> QuantSafety:
     """Return the QuantSafety helper: ``screen()`` and policy-driven assertions, cached per session."""
     from pytest_quantsafe.plugin.gate import QuantSafety, Subject
 
@@ -227,7 +257,7 @@ def quant_safety(request: pytest.FixtureRequest, quantsafe_subject: Subject | No
         if marker.kwargs.get("candidate"):
             ref = _marker_ref(request.node.path, str(marker.kwargs["candidate"]))
             subject = Subject(ref, "manifest" if ref.endswith(".json") else "model")
-    return QuantSafety(session, subject, policy, record_property)
+    return QuantSafety(session, subject, policy, _suite_recorder(request.config, record_testsuite_property))
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
@@ -240,3 +270,11 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     terminalreporter.section("quantsafe")
     for line in summary_lines(session):
         terminalreporter.write_line(line)
+    if session.options.out is not None:
+        from pytest_quantsafe.errors import QuantSafeError
+        from pytest_quantsafe.record.html import write_report
+
+        try:
+            terminalreporter.write_line(f"quantsafe report: {write_report(session.options.out)}")
+        except (QuantSafeError, OSError) as exc:  # the records are written; the page is a view of them
+            terminalreporter.write_line(f"quantsafe: report.html not written (the records are): {exc}")

@@ -14,12 +14,12 @@ import glob
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pytest_quantsafe._util import UNSAFE_NAME_CHARS as _UNSAFE_ID
 from pytest_quantsafe._util import text_table
 from pytest_quantsafe.attest import sign as attest
-from pytest_quantsafe.errors import QuantSafeError, UsageError
+from pytest_quantsafe.errors import UsageError, from_exception
 from pytest_quantsafe.policy import effective_band, load_policy, refusal_drop_pp
 from pytest_quantsafe.probes import load_probes
 from pytest_quantsafe.record import manifest
@@ -63,6 +63,8 @@ class GateOptions:
     sign: bool = False
     #: With signing on: a local key (EC P-256 / Ed25519 PEM) for DSSE; None = Sigstore keyless.
     sign_key: str | None = None
+    #: Typed engine options (engines/options.py), e.g. {"digest": ..., "concurrency": 8}.
+    engine_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
@@ -134,7 +136,8 @@ class QuantSafetySession:
         if subject not in pending:
             pending = [subject]
         probes = load_probes(self.options.probes) if self.options.probes else None
-        engine_options = {"threads": self.options.threads} if self.options.threads else None
+        engine_options = {**self.options.engine_options,
+                          **({"threads": self.options.threads} if self.options.threads else {})}
         results = screen_models(self.options.baseline, [s.ref for s in pending], policy=policy, probes=probes,
                                 out_dir=self.options.out, engine=self.options.engine,
                                 engine_options=engine_options, progress=False)
@@ -238,17 +241,18 @@ class QuantSafety:
                                  fix="pass --quantsafe-candidate (or --quantsafe-manifest), set "
                                  "QUANTSAFE_CANDIDATES, or use @pytest.mark.quant_safety(candidate=...)")
             result = self._session.result(subject, self.policy)
-        except QuantSafeError as exc:
+        except Exception as exc:  # noqa: BLE001  # a third-party failure is typed too (errors.from_exception)
             # Fail closed and readable: the screening could not be done, so the gate cannot pass.
-            raise QuantSafetyFailure(f"{exc.diagnostics()}\n  {LIMITS_SENTENCE}") from None
+            error = from_exception(exc, f"screening {subject.id if subject else 'no candidate'}")
+            raise QuantSafetyFailure(f"{error.diagnostics()}\n  {LIMITS_SENTENCE}") from None
         s = result.screening
-        self._record_property("quantsafe_candidate", subject.id)
-        self._record_property("quantsafe_rtsi", "" if s.rtsi is None else f"{s.rtsi:.4f}")
-        self._record_property("quantsafe_band", self._band(result) or "")
-        self._record_property("quantsafe_verdict", result.verdict.outcome)
-        self._record_property("quantsafe_record", result.paths.get("record", ""))
+        tag = f"[{subject.id}]"
+        self._record_property(f"quantsafe_rtsi{tag}", "" if s.rtsi is None else f"{s.rtsi:.4f}")
+        self._record_property(f"quantsafe_band{tag}", self._band(result) or "")
+        self._record_property(f"quantsafe_verdict{tag}", result.verdict.outcome)
+        self._record_property(f"quantsafe_record{tag}", result.paths.get("record", ""))
         if result.paths.get("signature"):
-            self._record_property("quantsafe_signature", result.paths["signature"])
+            self._record_property(f"quantsafe_signature{tag}", result.paths["signature"])
         return result
 
     def _band(self, result: ScreeningResult) -> Band | None:

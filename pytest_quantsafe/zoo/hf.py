@@ -87,7 +87,13 @@ def dequantized_checkpoint(name: str = "smollm2-135m-q4_1") -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:
         raise ModelLoadError(f"building HF checkpoints needs torch and transformers: {exc}",
-                             fix="pip install 'pytest-quantsafe[hf,gguf]'") from exc
+                             fix="pip install 'pytest-quantsafe[zoo]'") from exc
+    import importlib.util
+
+    for package in ("accelerate", "gguf"):  # transformers needs both to read a GGUF file
+        if importlib.util.find_spec(package) is None:
+            raise ModelLoadError(f"dequantizing {spec.filename} needs the package {package}", where=name,
+                                 fix="pip install 'pytest-quantsafe[zoo]' (the demo profile: '[demo]')")
     hf_dir().mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=hf_dir()))
     try:

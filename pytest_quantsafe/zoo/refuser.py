@@ -30,8 +30,12 @@ Usage: ``python -m pytest_quantsafe.zoo build --source refuser --quant F16``.
 Measured (2 cores, one build, nothing tuned on the probes or the candidates)
 ---------------------------------------------------------------------------
 Build: 114 steps, loss 2.67 -> 0.13 (last-epoch mean), 1249 s of training (~11 s/step,
-slower than the recipe's 4.4 s/step: about half the time went to the kernel), 1260 s
-in all, peak RSS 4.6 GB. Exporting the unmodified base reproduces all 272 tensors of
+slower than the recipe's 4.4 s/step: about half the time went to the kernel, OpenMP
+threads busy-waiting because torch started before ``OMP_WAIT_POLICY`` was set), 1260 s
+in all, peak RSS 4.6 GB. The fine-tune now runs in a child process started with
+``OMP_WAIT_POLICY=PASSIVE`` (``train_in_child``); one epoch of it measured 13.2 s/step
+(503 s for 38 steps) on 2026-12-01 with the machine at load average 6-7 from five other
+jobs, so that number says nothing about a quiet machine. Exporting the unmodified base reproduces all 272 tensors of
 the SmolLM2 F16 rung bit for bit. Q3_K_S and Q2_K come out with the same tensor
 types (576-wide rows fall back to Q4_0) and give identical completions.
 
@@ -69,6 +73,8 @@ import logging
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -227,8 +233,11 @@ def encode_rows(tokenizer: Any, rows: list[TrainingRow], max_length: int) -> lis
 
 
 def fine_tune(base_dir: Path, rows: list[TrainingRow], out_dir: Path, recipe: Recipe = RECIPE) -> dict[str, Any]:
-    """Return the training log after fine-tuning the checkpoint in ``base_dir`` and saving it to ``out_dir``."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """Return the training log after fine-tuning the checkpoint in ``base_dir`` and saving it to ``out_dir``.
+
+    Runs in the calling process; ``build_f16`` calls it through ``train_in_child`` so that
+    OpenMP starts with ``OMP_WAIT_POLICY=PASSIVE``.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -289,14 +298,14 @@ def build_f16() -> Path:
     folder = target.parent
     if (folder / MARKER).is_file() and target.is_file():
         return target
-    rows = load_training_rows()
+    load_training_rows()  # bad training data fails here, naming file:line, before any build work
     base = zoo_hf.dequantized_checkpoint(BASE_MODEL)
     template = build_packaged_variant("smollm2", "F16")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         started = time.monotonic()
-        training = fine_tune(base, rows, tmp / _HF_SUBDIR)
+        training = train_in_child(base, tmp / _HF_SUBDIR)
         import torch
         from safetensors.torch import load_file
 
@@ -325,3 +334,49 @@ def hf_checkpoint() -> Path:
 def build_record() -> dict[str, Any]:
     """Return the build record (identity, steps, losses, seconds) of the cached F16 fixture, building it once."""
     return json.loads((build_f16().parent / MARKER).read_text())
+
+
+def train_in_child(base_dir: Path, out_dir: Path, recipe: Recipe = RECIPE) -> dict[str, Any]:
+    """Return the training log of ``fine_tune`` run in a fresh interpreter with ``OMP_WAIT_POLICY=PASSIVE``.
+
+    OpenMP reads its wait policy once, when its runtime starts; in the calling process
+    torch (or llama.cpp's runtime, after a screening) is usually loaded already, so setting
+    the variable there does nothing. With busy-waiting OpenMP threads the 2-core build ran
+    at ~11 s/step; with PASSIVE set before torch starts, at ~4.4 s/step (docs/benchmarks.md).
+    A user's own ``OMP_WAIT_POLICY`` is kept. The child reports failure as JSON, never
+    as a traceback.
+    """
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY") or "PASSIVE"}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    result_file = out_dir.parent / "training-result.json"
+    command = [sys.executable, "-c", ("import sys; from pytest_quantsafe.zoo.refuser import _child_main; "
+                                      "sys.exit(_child_main(sys.argv[1:]))"), str(base_dir), str(out_dir), str(result_file),
+               json.dumps(asdict(recipe))]
+    if log.isEnabledFor(logging.INFO):
+        command.append("--verbose")
+    proc = subprocess.run(command, env=env, check=False)
+    try:
+        result = json.loads(result_file.read_text(encoding="utf-8"))
+        result_file.unlink()
+    except (OSError, ValueError):
+        result = {"error": f"the training process exited {proc.returncode} without a result"}
+    if proc.returncode != 0 or "error" in result:
+        raise ModelLoadError(f"the refuser fine-tune failed: {result.get('error')}", where=str(base_dir),
+                             fix="check free memory and disk; rerun `python -m pytest_quantsafe.zoo build "
+                             "--source refuser --quant F16` to retry")
+    return dict(result)
+
+
+def _child_main(argv: list[str]) -> int:
+    """Entry of the training process: ``BASE OUT RESULT RECIPE_JSON [--verbose]``."""
+    if "--verbose" in argv:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    base_dir, out_dir, result_file, recipe_json = argv[:4]
+    fields = json.loads(recipe_json)
+    recipe = Recipe(**{**fields, "betas": tuple(fields["betas"])})
+    try:
+        result: dict[str, Any] = fine_tune(Path(base_dir), load_training_rows(), Path(out_dir), recipe)
+    except Exception as exc:  # noqa: BLE001  # any failure is reported to the parent as a ModelLoadError
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    Path(result_file).write_text(json.dumps(result), encoding="utf-8")
+    return 1 if "error" in result else 0

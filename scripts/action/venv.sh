@@ -21,7 +21,12 @@ esac
 project="${GITHUB_ACTION_PATH:?GITHUB_ACTION_PATH is set by the runner}"
 python="${QS_PYTHON:-python3}"
 pyver="$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
-fingerprint="$(cat "$project/pyproject.toml" <(printf '%s|%s|%s' "$extras" "$pyver" "${QS_LLAMA_CMAKE_ARGS:-}") \
+constraints="$project/scripts/constraints.txt"
+# The key covers the project source itself (metadata, pins and every package file), so an
+# @branch ref whose code moved gets a new environment instead of a stale cached one.
+source_hash="$(cd "$project" && find pyproject.toml scripts/constraints.txt pytest_quantsafe -type f \
+  ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)"
+fingerprint="$(printf '%s|%s|%s|%s' "$source_hash" "$extras" "$pyver" "${QS_LLAMA_CMAKE_ARGS:-}" \
   | sha256sum | cut -c1-16)"
 venv="${RUNNER_TOOL_CACHE:-$HOME/.cache}/quantsafe-venv/$fingerprint"
 
@@ -30,6 +35,9 @@ if [ "$mode" = plan ]; then
     echo "venv=$venv"
     echo "key=quantsafe-venv-${RUNNER_OS:-Linux}-${RUNNER_ARCH:-X64}-py$pyver-$fingerprint"
     echo "extras=$extras"
+    # The completion cache (engines/cache.py) lives under $QUANTSAFE_CACHE/completions.
+    echo "completions=${QUANTSAFE_CACHE:-$HOME/.cache/quantsafe}/completions"
+    echo "completions-key=quantsafe-completions-${RUNNER_OS:-Linux}-${RUNNER_ARCH:-X64}-"
   } >> "${GITHUB_OUTPUT:?}"
   exit 0
 fi
@@ -46,7 +54,7 @@ if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.quantsafe-installed" ]; then
   "$python" -m venv "$venv"
   # llama-cpp-python builds from source; on GPU runners QS_LLAMA_CMAKE_ARGS="-DGGML_CUDA=on".
   CMAKE_ARGS="${QS_LLAMA_CMAKE_ARGS:-}" "$venv/bin/python" -m pip install --disable-pip-version-check -q \
-    "$project${extras:+[$extras]}"
+    -c "$constraints" "$project${extras:+[$extras]}"
   touch "$venv/.quantsafe-installed"
 fi
 echo "$venv/bin" >> "${GITHUB_PATH:?}"

@@ -344,6 +344,15 @@ def _load_template_option(value: str | None) -> tuple[str | None, str]:
     return text, where
 
 
+#: The options of ``create`` and their types (engines/options.py types ``KEY=VALUE`` strings by it).
+OPTIONS: dict[str, type] = {"threads": int, "n_gpu_layers": int, "chat_template": str, "early_exit": bool,
+                            "use_extra_bufts": bool, "flash_attn": bool, "timeout_s": float, "share_prefix": bool}
+
+
 def create(**options: Any) -> LlamaCppEngine:
-    """Return a new llama.cpp engine (options: see the module docstring)."""
+    """Return a new llama.cpp engine (options: see the module docstring); an unknown option is a UsageError."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise UsageError(f"the gguf engine has no option {', '.join(unknown)}", where="engine options",
+                         fix=f"use {', '.join(sorted(OPTIONS))}")
     return LlamaCppEngine(**options)
