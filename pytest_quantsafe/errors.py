@@ -14,6 +14,9 @@ EXIT_USAGE = 2
 EXIT_INSUFFICIENT = 3
 EXIT_VERIFY = 4
 
+#: The one map from a verdict's outcome to its exit code (records, the CLI, the Action, verify).
+OUTCOME_EXIT: dict[str, int] = {"pass": EXIT_PASS, "fail": EXIT_GATE_FAILED, "insufficient": EXIT_INSUFFICIENT}
+
 
 class QuantSafeError(Exception):
     """Base class: what went wrong, where, and what to do about it."""

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 PROTOCOL_ID = "quantsafe.refusal-features.v1"
-RECORD_SCHEMA = "quantsafe.record.v1"
+RECORD_SCHEMA = "quantsafe.record.v2"
 
 #: The four refusal-template features, in the paper's order (and the weights' order).
 FEATURE_NAMES: tuple[str, ...] = (

@@ -380,7 +380,7 @@ def test_report_refuses_tampered_records(tmp_path: Path, paper_rows: dict) -> No
     path.write_text(json.dumps(record), encoding="utf-8")
     with pytest.raises(InputError) as err:
         load_record(path)
-    assert err.value.where == f"{path}: screening.band"
+    assert err.value.where == f"{path}: $.screening" and "missing field 'screening'" in err.value.message
 
 
 def test_junit_counts_reach_the_summary(tmp_path: Path, paper_rows: dict) -> None:

@@ -90,7 +90,7 @@ def test_records_are_real_screenings(low_record: dict[str, Any], high_record: di
 def test_statement_layout(low_record: dict[str, Any], smollm2_gguf: Path) -> None:
     statement = attest.build_statement(low_record)
     assert statement["_type"] == "https://in-toto.io/Statement/v1"
-    assert statement["predicateType"] == attest.PREDICATE_TYPE == "https://quantsafe.dev/attestation/screening/v1"
+    assert statement["predicateType"] == attest.PREDICATE_TYPE == "https://quantsafe.dev/attestation/screening/v2"
     assert statement["subject"] == [{"name": "SmolLM2-135M-Instruct.Q4_1.gguf", "digest": {
         "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"}}]
     thresholds = statement["predicate"]["thresholds"]
@@ -231,7 +231,7 @@ def test_forgery_band_inconsistent_even_when_validly_signed(tmp_path: Path, high
     statement = attest.build_statement(high_record)
     statement["predicate"]["screening"]["band"] = "LOW"
     statement["predicate"]["verdict"].update(outcome="pass", exit_code=0)
-    with pytest.raises(VerificationFailed, match="does not match RTSI") as err:
+    with pytest.raises(VerificationFailed, match="is not the effective band 'HIGH'") as err:
         verify_with_key(_resign(tmp_path, statement, keypair["private_key"]), [smollm2_gguf], keypair["public_key"])
     assert err.value.where and err.value.where.endswith("predicate.screening.band")
 
@@ -406,7 +406,7 @@ def test_insufficient_data_record_verifies_and_a_forged_pass_does_not(
     result = verify_with_key(envelope, [smollm2_gguf], keypair["public_key"])
     assert (result.band, result.rtsi, result.outcome) == (None, None, "insufficient")
     statement["predicate"]["verdict"].update(outcome="pass", exit_code=0)
-    with pytest.raises(VerificationFailed, match="pass on insufficient data"):
+    with pytest.raises(VerificationFailed, match="verdict 'pass', but the recorded policy 'default' decides 'insufficient'"):
         verify_with_key(_resign(tmp_path, statement, keypair["private_key"]), [smollm2_gguf], keypair["public_key"])
 
 
@@ -417,7 +417,7 @@ def test_advisory_policy_passes_high_and_stays_consistent(smollm2_gguf: Path) ->
     assert record["screening"]["band"] == "HIGH" and record["verdict"]["outcome"] == "pass"
     check_record(record)
     record["verdict"].update(outcome="fail", exit_code=1)
-    with pytest.raises(VerificationFailed, match="advisory policy"):
+    with pytest.raises(VerificationFailed, match="policy 'advisory' decides 'pass'"):
         check_record(record)
 
 
@@ -497,8 +497,8 @@ def test_cli_predicate_only_for_actions_attest(tmp_path: Path, low_record: dict[
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda r: r["baseline"]["profile"].update(n_refusals=2), "pass on insufficient data"),
-    (lambda r: r["verdict"].update(outcome="insufficient", exit_code=3), "scored on enough refusals"),
+    (lambda r: r["baseline"]["profile"].update(n_refusals=2), "verdict 'pass', but .* decides 'insufficient'"),
+    (lambda r: r["verdict"].update(outcome="insufficient", exit_code=3), "verdict 'insufficient', but .* decides 'pass'"),
     (lambda r: r["verdict"].update(exit_code=1), "not a valid verdict"),
     (lambda r: r["screening"]["contributions"].update(unique_prefix_rate=0.5), "contributions sum"),
     (lambda r: r.update(limits="LOW means safe"), "limits sentence"),

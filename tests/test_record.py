@@ -67,7 +67,7 @@ def _inputs():
 def test_record_layout_and_identity() -> None:
     inputs = _inputs()
     record = build_record(**inputs)
-    assert record["schema"] == "quantsafe.record.v1"
+    assert record["schema"] == "quantsafe.record.v2"
     assert record["protocol"] == "quantsafe.refusal-features.v1"
     assert record["cell_identity"] == {
         "model_family": "qwen2", "base_model": "Qwen2.5 Coder 0.5B", "quantization_format": "Q2_K",
@@ -152,6 +152,6 @@ def test_insufficient_record_renders_without_numbers() -> None:
 
 
 def test_card_refuses_something_that_is_not_a_record() -> None:
-    with pytest.raises(InputError, match="'cell_identity' is missing") as err:
+    with pytest.raises(InputError, match="not a quantsafe screening record: it has no 'schema' field") as err:
         render_card({"rtsi": 0.4}, source="x.json")
     assert err.value.where == "x.json"

@@ -32,7 +32,6 @@ from typing import TextIO
 
 from pytest_quantsafe._util import check_writable
 from pytest_quantsafe.action.summary import (
-    OUTCOME_EXIT,
     load_record,
     load_records,
     read_junit,
@@ -46,6 +45,7 @@ from pytest_quantsafe.errors import (
     EXIT_INSUFFICIENT,
     EXIT_PASS,
     EXIT_USAGE,
+    OUTCOME_EXIT,
     InputError,
     SigningError,
     UsageError,
@@ -233,7 +233,7 @@ def build_report(out_dir: Path, *, expected: int | None = None, pytest_exit: int
         code = EXIT_GATE_FAILED
     for problem in problems:
         notes.append(annotation("error", problem, title="quantsafe"))
-    verdict = {EXIT_PASS: "pass", EXIT_GATE_FAILED: "fail", EXIT_INSUFFICIENT: "insufficient"}.get(code, "error")
+    verdict = {exit_code: outcome for outcome, exit_code in OUTCOME_EXIT.items()}.get(code, "error")
     top = worst(results) if results else None
     outputs = {
         "verdict": verdict,

@@ -1,15 +1,14 @@
 """Screening records as the GitHub Action reports them: loaded, checked, ranked, rendered.
 
-``load_records`` reads ``OUT/*/record.json`` (docs/record-format.md) and refuses a
-record that lacks a field the Action reports, holds NaN, or whose verdict disagrees
-with its own exit code; ``render_summary`` turns the records into the step-summary
+``load_records`` reads ``OUT/*/record.json`` with ``record.store.read_record`` (the
+schema: no missing field, wrong type or NaN) and ``record.check.check_record`` (band
+and verdict are what the recorded policy decides); ``render_summary`` turns the records into the step-summary
 Markdown: an overview, a table per candidate, a Mermaid ``xychart-beta`` chart of the
 four feature contributions, and the limits sentence.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import xml.etree.ElementTree as ET
@@ -18,10 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_INSUFFICIENT, EXIT_PASS, InputError
-from pytest_quantsafe.types import FEATURE_NAMES, LIMITS_SENTENCE, RECORD_SCHEMA
+from pytest_quantsafe.errors import OUTCOME_EXIT, InputError, VerificationFailed
+from pytest_quantsafe.record.check import check_record
+from pytest_quantsafe.record.model import Record
+from pytest_quantsafe.record.store import read_record
+from pytest_quantsafe.types import FEATURE_NAMES, LIMITS_SENTENCE
 
-OUTCOME_EXIT = {"pass": EXIT_PASS, "fail": EXIT_GATE_FAILED, "insufficient": EXIT_INSUFFICIENT}
+__all__ = ["OUTCOME_EXIT", "CandidateResult", "load_record", "load_records", "read_junit", "render_summary", "worst"]
 #: Worse outcomes rank higher, as the CLI ranks exit codes (commands/screen.py): evidence
 #: too thin to measure outranks a failed gate, because a reviewer must see it first.
 OUTCOME_RANK = {"pass": 0, "fail": 1, "insufficient": 2}
@@ -37,7 +39,9 @@ class CandidateResult:
     """One candidate's screening record as the Action reports it."""
 
     path: Path
+    #: The record's JSON data (what the tables are rendered from) and the typed record it was read as.
     record: Mapping[str, Any]
+    typed: Record
 
     @property
     def name(self) -> str:
@@ -47,17 +51,17 @@ class CandidateResult:
     @property
     def outcome(self) -> str:
         """Return the verdict's outcome: pass, fail or insufficient."""
-        return str(self.record["verdict"]["outcome"])
+        return str(self.typed.verdict.outcome)
 
     @property
     def band(self) -> str | None:
-        """Return the RTSI band, or None when the data were insufficient."""
-        return self.record["screening"].get("band")
+        """Return the record's (effective) band, or None when the data were insufficient."""
+        return self.typed.screening.band
 
     @property
     def rtsi(self) -> float | None:
         """Return the RTSI, or None when the data were insufficient."""
-        value = self.record["screening"].get("rtsi")
+        value = self.typed.screening.rtsi
         return None if value is None else float(value)
 
     def severity(self) -> tuple[int, int, float]:
@@ -66,54 +70,19 @@ class CandidateResult:
 
     def artifact_file(self) -> str | None:
         """Return the candidate's first artifact file for annotations; None for external evidence."""
-        files = self.record["candidate"]["artifact"].get("files") or []
-        return str(files[0]["path"]) if files else None
-
-
-def _refuse_constant(token: str) -> float:
-    raise ValueError(f"{token} is not a number a record may hold")
-
-
-def _require(record: Mapping[str, Any], dotted: str, where: Path) -> Any:
-    node: Any = record
-    for key in dotted.split("."):
-        if not isinstance(node, Mapping) or key not in node:
-            raise InputError(f"the record lacks {dotted}", where=f"{where}: {dotted}",
-                             fix="regenerate it with this quantsafe version (docs/record-format.md)")
-        node = node[key]
-    return node
+        files = self.typed.candidate.artifact.files
+        return files[0].path if files else None
 
 
 def load_record(path: Path) -> CandidateResult:
-    """Return a record checked for every field the Action reports, or raise InputError."""
+    """Return a record read and checked for consistency, or raise InputError naming file, field and fix."""
+    typed = read_record(path)
     try:
-        record = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read the screening record: {exc}", where=str(path),
-                         fix="rerun the gate; never edit records by hand") from exc
-    if not isinstance(record, dict) or record.get("schema") != RECORD_SCHEMA:
-        raise InputError(f"not a {RECORD_SCHEMA} record", where=f"{path}: schema")
-    outcome = _require(record, "verdict.outcome", path)
-    if outcome not in OUTCOME_EXIT:
-        raise InputError(f"unknown verdict outcome {outcome!r}", where=f"{path}: verdict.outcome")
-    if _require(record, "verdict.exit_code", path) != OUTCOME_EXIT[outcome]:
-        raise InputError(f"verdict exit_code disagrees with outcome {outcome!r}", where=f"{path}: verdict.exit_code")
-    band = _require(record, "screening.band", path)
-    rtsi = _require(record, "screening.rtsi", path)
-    if band not in BAND_RANK or (band is None) != (rtsi is None):
-        raise InputError(f"band {band!r} and rtsi {rtsi!r} do not fit together", where=f"{path}: screening")
-    if outcome == "pass" and rtsi is None and _require(record, "policy.mode", path) != "advisory" \
-            and _require(record, "policy.on_insufficient", path) != "pass":
-        raise InputError("a pass without an RTSI under a policy that fails insufficient data",
-                         where=f"{path}: verdict")
-    for side in ("baseline", "candidate"):
-        for key in ("n_total", "n_refusals", "refusal_rate", "refusal_rate_ci", *FEATURE_NAMES):
-            _require(record, f"{side}.profile.{key}", path)
-    _require(record, "candidate.artifact", path)
-    if rtsi is not None:
-        for name in FEATURE_NAMES:
-            _require(record, f"screening.contributions.{name}", path)
-    return CandidateResult(path=path, record=record)
+        check_record(typed, where=str(path))
+    except VerificationFailed as exc:
+        raise InputError(f"the record is internally inconsistent: {exc.message}", where=exc.where,
+                         fix="rerun the gate; never edit records by hand") from None
+    return CandidateResult(path=path, record=typed.to_json(), typed=typed)
 
 
 def load_records(out_dir: Path) -> list[CandidateResult]:

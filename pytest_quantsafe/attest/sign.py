@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 #: The one versioned URI naming our predicate.
-PREDICATE_TYPE = "https://quantsafe.dev/attestation/screening/v1"
+PREDICATE_TYPE = "https://quantsafe.dev/attestation/screening/v2"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 #: DSSE payload type of an in-toto statement (what ``gh attestation verify`` expects).
 PAYLOAD_TYPE = "application/vnd.in-toto+json"

@@ -21,6 +21,7 @@ from pytest_quantsafe.attest.verify import SignerPolicy, verify_keyless, verify_
 from pytest_quantsafe.cli.jsonout import add_json_flag, set_result
 from pytest_quantsafe.errors import EXIT_PASS, InputError, UsageError, VerificationFailed
 from pytest_quantsafe.record.check import check_record
+from pytest_quantsafe.record.store import read_record
 from pytest_quantsafe.types import LIMITS_SENTENCE
 
 
@@ -80,26 +81,14 @@ def register(subparsers: Any) -> None:
     k.set_defaults(func=_keygen)
 
 
-def _read_record(path: str) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError("record not found", where=path, fix="give the record.json of a screening") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read the record: {exc}", where=path, fix="check the path") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"the record is not valid JSON: {exc.msg}", where=f"{path}: line {exc.lineno}",
-                         fix="sign record.json exactly as quantsafe wrote it") from None
-
-
 def _attest(args: argparse.Namespace) -> int:
-    record = _read_record(args.record)
+    typed = read_record(args.record)  # a missing field, wrong type or NaN: InputError naming it (exit 2)
     try:
-        check_record(record, where=args.record)
+        check_record(typed, where=args.record)
     except VerificationFailed as exc:  # never sign a record that would not verify
         raise InputError(f"the record is internally inconsistent: {exc.message}", where=exc.where,
                          fix="re-run the screening; do not edit records by hand") from None
-    statement = attest.build_statement(record)
+    statement = attest.build_statement(typed.to_json())
     attest.check_artifacts_match(statement, args.artifact)
     out = Path(args.out) if args.out else attest.default_output_path(args.artifact, args.record,
                                                                       keyless=bool(args.keyless))

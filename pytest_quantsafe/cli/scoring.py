@@ -26,6 +26,7 @@ from pytest_quantsafe.record.manifest import (
     screen_request,
 )
 from pytest_quantsafe.record.render import card_data, render_card
+from pytest_quantsafe.record.store import read_record
 from pytest_quantsafe.score.calibration import (
     calibration_from_mapping,
     dump_calibration,
@@ -201,7 +202,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _card(args: argparse.Namespace) -> int:
     _check_output(args.output)
-    record = _read_json(args.record, "screening record")
+    record = read_record(args.record)  # a missing field, wrong type or NaN: InputError naming it (exit 2)
     text = render_card(record, source=args.record)
     if args.output or not args.json:
         _write_text(args.output, text)
@@ -228,7 +229,7 @@ def _screen_manifest(args: argparse.Namespace) -> int:
 def _manifest(args: argparse.Namespace) -> int:
     _check_output(args.output)
     if args.record:
-        baseline, candidate, probe = profiles_from_record(_read_json(args.record, "screening record"), args.record)
+        baseline, candidate, probe = profiles_from_record(read_record(args.record).to_json(), args.record)
         count, digest = args.probe_count or probe[0], args.probe_sha256 or probe[1]
     else:
         if not (args.baseline and args.candidate):

@@ -168,7 +168,7 @@ def format_table(results: Sequence[ScreeningResult]) -> str:
     rows = [header]
     for r in results:
         s = r.screening
-        band = s.band or s.status
+        band = r.record["screening"]["band"] or s.status  # the record's effective band, as every front door shows
         rtsi = f"{s.rtsi:.3f}" if s.rtsi is not None else "-"
         flags = f" ({', '.join(s.flags)})" if s.flags else ""
         quality = s.quality or {}

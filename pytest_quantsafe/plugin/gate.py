@@ -20,7 +20,7 @@ from pytest_quantsafe._util import UNSAFE_NAME_CHARS as _UNSAFE_ID
 from pytest_quantsafe._util import text_table
 from pytest_quantsafe.attest import sign as attest
 from pytest_quantsafe.errors import UsageError, from_exception
-from pytest_quantsafe.policy import effective_band, load_policy, refusal_drop_pp
+from pytest_quantsafe.policy import load_policy, refusal_drop_pp
 from pytest_quantsafe.probes import load_probes
 from pytest_quantsafe.record import manifest
 from pytest_quantsafe.record.check import check_record
@@ -189,6 +189,12 @@ class QuantSafetySession:
 # --------------------------------------------------------------------------- the fixture object
 
 
+def record_band(result: ScreeningResult) -> Band | None:
+    """Return the band the record stores (the effective band, decided once by ``policy.effective_band``)."""
+    band: Band | None = result.record["screening"]["band"]
+    return band
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -197,7 +203,7 @@ def failure_table(result: ScreeningResult, policy: Policy, broken: Sequence[str]
     """Return the compact failure message: band, RTSI with contributions, rates, broken rule, limits."""
     s = result.screening
     b, c = s.baseline, s.candidate
-    band = effective_band(s, policy) or "none (insufficient data)"
+    band = record_band(result) or "none (insufficient data)"
     rtsi = f"{s.rtsi:.4f}" if s.rtsi is not None else "n/a"
     parts = " + ".join(f"{k} {v:.4f}" for k, v in s.contributions.items()) or "not scored"
     lines = [
@@ -256,7 +262,7 @@ class QuantSafety:
         return result
 
     def _band(self, result: ScreeningResult) -> Band | None:
-        return effective_band(result.screening, self.policy)
+        return record_band(result)
 
     def _fail(self, result: ScreeningResult, broken: Sequence[str], what: str) -> None:
         __tracebackhide__ = True
@@ -309,7 +315,7 @@ def summary_lines(session: QuantSafetySession) -> list[str]:
     rows = [("candidate", "policy", "band", "RTSI", "refusals base->cand", "verdict", "record")]
     for sid, policy, r in session.rows:
         s = r.screening
-        rows.append((sid, policy.name, effective_band(s, policy) or "-",
+        rows.append((sid, policy.name, record_band(r) or "-",
                      "-" if s.rtsi is None else f"{s.rtsi:.4f}",
                      f"{_pct(s.baseline.refusal_rate)}->{_pct(s.candidate.refusal_rate)}",
                      r.verdict.outcome, r.paths.get("record", "-")))

@@ -1,6 +1,9 @@
-"""The screening record (``quantsafe.record.v1``, docs/record-format.md) and its output files.
+"""The screening record (``quantsafe.record.v2``, docs/record-format.md) and its output files.
 
-The record is plain JSON data built from the stage values. Floats are rounded to
+The record is plain JSON data built from the stage values and validated against
+the shipped schema before it leaves ``build_record`` (``store.parse_record``).
+``screening.band`` is the effective band, decided once by ``policy.effective_band``;
+``screening.calibration_band`` is the scorer's band beside it. Floats are rounded to
 ``FLOAT_DIGITS`` decimals so two runs on the same inputs give byte-identical
 records (timestamps aside); ``body_digest`` hashes the canonical JSON without
 ``created``. The reporting card and the Markdown summary are rendered from the
@@ -9,7 +12,6 @@ record alone (``render.py``).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -19,7 +21,9 @@ from typing import Any
 from pytest_quantsafe import __version__
 from pytest_quantsafe._util import write_atomic
 from pytest_quantsafe.errors import InputError
+from pytest_quantsafe.policy import effective_band
 from pytest_quantsafe.record.render import render_card, render_summary
+from pytest_quantsafe.record.store import parse_record, record_json, write_record
 from pytest_quantsafe.results import Calibration, Policy, Screening, Verdict
 from pytest_quantsafe.types import (
     LIMITS_SENTENCE,
@@ -33,7 +37,7 @@ from pytest_quantsafe.types import (
 )
 
 __all__ = ["FLOAT_DIGITS", "body_digest", "build_record", "calibration_block", "normalize_floats",
-           "render_card", "render_summary", "utc_now", "write_outputs"]
+           "record_json", "render_card", "render_summary", "screening_block", "utc_now", "write_outputs"]
 
 #: Decimal places every float in a record is rounded to.
 FLOAT_DIGITS = 12
@@ -97,6 +101,14 @@ def _cell_identity(baseline: Artifact, candidate: Artifact, probe_set: ProbeSet,
     }
 
 
+def screening_block(screening: Screening, policy: Policy) -> dict[str, Any]:
+    """Return the record's ``screening`` section: ``band`` is the effective band, the scorer's beside it."""
+    block = screening.to_dict()
+    block["calibration_band"] = screening.band
+    block["band"] = effective_band(screening, policy)
+    return block
+
+
 def build_record(
     *,
     baseline: Artifact,
@@ -113,9 +125,9 @@ def build_record(
 ) -> dict[str, Any]:
     """Return the screening record (docs/record-format.md) as plain JSON data with rounded floats.
 
-    ``cache`` is the completion-cache provenance of a model screening (how many
-    completions were read from the cache, whether it was read at all); omitted for
-    external evidence.
+    The record is validated against the shipped schema before it is returned. ``cache`` is the
+    completion-cache provenance of a model screening (how many completions were read from the
+    cache, whether it was read at all); omitted for external evidence.
     """
     record: dict[str, Any] = {
         "schema": RECORD_SCHEMA,
@@ -134,7 +146,7 @@ def build_record(
         "generation": generation.to_dict(),
         "baseline": {"artifact": baseline.to_dict(), "profile": screening.baseline.to_dict()},
         "candidate": {"artifact": candidate.to_dict(), "profile": screening.candidate.to_dict()},
-        "screening": screening.to_dict(),
+        "screening": screening_block(screening, policy),
         "calibration": calibration_block(calibration),
         "policy": policy.to_dict(),
         "verdict": verdict.to_dict(),
@@ -142,7 +154,9 @@ def build_record(
     }
     if cache is not None:
         record["cache"] = dict(cache)
-    return normalize_floats(record)  # type: ignore[no-any-return]
+    data: dict[str, Any] = normalize_floats(record)
+    parse_record(data, f"record of {candidate.ref}")  # every record the suite writes matches the schema
+    return data
 
 
 def body_digest(record: Mapping[str, Any]) -> str:
@@ -151,18 +165,13 @@ def body_digest(record: Mapping[str, Any]) -> str:
     return sha256_hex(canonical_json(body))
 
 
-def record_json(record: Mapping[str, Any]) -> str:
-    """Return the record as stable, indented JSON text (sorted keys, trailing newline)."""
-    return json.dumps(record, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-
-
 def write_outputs(record: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
     """Return the paths written: record.json, card.yaml and summary.md under ``out_dir``."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        texts = {"record": record_json(record), "card": render_card(record), "summary": render_summary(record)}
-        paths: dict[str, str] = {}
+        paths = {"record": str(write_record(record, out / OUTPUT_FILES["record"]))}
+        texts = {"card": render_card(record), "summary": render_summary(record)}
         for kind, text in texts.items():
             path = out / OUTPUT_FILES[kind]
             write_atomic(path, text)

@@ -1,8 +1,10 @@
 """Human-facing views of a screening record: the A.9 reporting card (YAML) and a Markdown summary.
 
-Both are rendered from the record alone (plain JSON data), so ``quantsafe card
-RECORD.json`` gives the same card as the screening that wrote the record. Both
-carry the limits sentence.
+Both are rendered from the record alone (a typed ``Record`` or its JSON data,
+validated by ``record/store.py`` first), so ``quantsafe card RECORD.json`` gives
+the same card as the screening that wrote the record. The band shown is the
+record's ``screening.band``, the effective band every front door shows. Both carry
+the limits sentence.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pytest_quantsafe.errors import InputError
+from pytest_quantsafe.record.model import Record
+from pytest_quantsafe.record.store import parse_record
 from pytest_quantsafe.types import FEATURE_NAMES, LIMITS_SENTENCE
 
 #: Card key of each feature delta, in the paper's A.9 words.
@@ -21,17 +24,15 @@ CARD_DELTA_KEYS: dict[str, str] = {
     "mean_tokens_refusal": "delta_mean_refusal_token_length",
 }
 
-_REQUIRED = ("cell_identity", "screening", "calibration", "baseline", "candidate")
+RecordLike = Record | Mapping[str, Any]
 
 
-def _check(record: Mapping[str, Any], source: str) -> None:
-    if not isinstance(record, Mapping):
-        raise InputError("a screening record must be a JSON object", where=source,
-                         fix="pass the record.json a screening wrote")
-    missing = [k for k in _REQUIRED if k not in record]
-    if missing:
-        raise InputError(f"not a quantsafe screening record: key {missing[0]!r} is missing", where=source,
-                         fix="pass the record.json written by `quantsafe screen` or the pytest plugin")
+def _check(record: RecordLike, source: str) -> Mapping[str, Any]:
+    """Return the record's JSON data after the schema check (InputError naming the field otherwise)."""
+    if isinstance(record, Record):
+        return record.to_json()
+    parse_record(record, source)
+    return record
 
 
 def _r(value: Any, digits: int = 4) -> Any:
@@ -44,9 +45,9 @@ def _bands(cal: Mapping[str, Any]) -> list[str]:
     return [f"LOW < {m:.2f}", f"MODERATE {m:.2f}-{h:.2f}", f"HIGH >= {h:.2f}"]
 
 
-def card_data(record: Mapping[str, Any], source: str = "<record>") -> dict[str, Any]:
+def card_data(record: RecordLike, source: str = "<record>") -> dict[str, Any]:
     """Return the A.9 reporting card of a record as plain data (what ``render_card`` writes)."""
-    _check(record, source)
+    record = _check(record, source)
     identity = record["cell_identity"]
     screening = record["screening"]
     cal = record["calibration"]
@@ -75,10 +76,12 @@ def card_data(record: Mapping[str, Any], source: str = "<record>") -> dict[str, 
         "score": {
             "rtsi": _r(screening.get("rtsi")),
             "classification": screening.get("band"),
+            "calibration_classification": screening.get("calibration_band"),
             "status": screening.get("status"),
             "flags": list(screening.get("flags") or []),
             "contributions": {f: _r(contributions[f]) for f in FEATURE_NAMES if f in contributions},
-            "bands": _bands(cal),
+            "bands": _bands(record.get("policy") or cal),
+            "calibration_bands": _bands(cal),
         },
         "refusal_rate": {
             "baseline": _r(record["baseline"]["profile"].get("refusal_rate")),
@@ -94,7 +97,7 @@ def card_data(record: Mapping[str, Any], source: str = "<record>") -> dict[str, 
     }
 
 
-def render_card(record: Mapping[str, Any], source: str = "<record>") -> str:
+def render_card(record: RecordLike, source: str = "<record>") -> str:
     """Return the paper's A.9 RTSI reporting card for a record, as YAML text."""
     import yaml
 
@@ -141,19 +144,25 @@ def _evidence_lines(screening: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def render_summary(record: Mapping[str, Any], source: str = "<record>") -> str:
+def render_summary(record: RecordLike, source: str = "<record>") -> str:
     """Return a Markdown summary of a record: band, RTSI and contributions, refusal rates, flags, verdict."""
-    _check(record, source)
+    record = _check(record, source)
     identity, screening, cal = record["cell_identity"], record["screening"], record["calibration"]
     base, cand = record["baseline"]["profile"], record["candidate"]["profile"]
     verdict = record.get("verdict") or {}
     band = screening.get("band") or "INSUFFICIENT DATA"
     rtsi = screening.get("rtsi")
+    policy = record.get("policy") or {}
+    pb = policy.get("bands") or {}
+    cal_band = screening.get("calibration_band")
     lines = [
         f"# quantsafe screening: {identity.get('base_model')} · {identity.get('quantization_format')}",
         "",
         (f"**Band: {band}** · RTSI {'n/a' if rtsi is None else f'{float(rtsi):.4f}'} · "
          f"verdict: **{verdict.get('outcome', 'n/a')}** (exit {verdict.get('exit_code', 'n/a')})"),
+        "",
+        (f"Band under policy `{policy.get('name')}` (cutoffs {float(pb.get('moderate', 0)):.2f} / "
+         f"{float(pb.get('high', 0)):.2f}); calibration band {cal_band or 'n/a'}."),
         "",
         f"> {LIMITS_SENTENCE}",
         "",

@@ -7,6 +7,7 @@ error names the file, the key and, where YAML gives one, the line.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from importlib import resources
@@ -200,6 +201,7 @@ def calibration_from_mapping(data: Any, source: str = "<calibration>", root: Any
     if not isinstance(prov["is_recalibrated"], bool):
         raise PolicyError("provenance.is_recalibrated must be true or false",
                           where=where("provenance.is_recalibrated"), fix="write true or false")
+    _validate_schema(data, where)
     name = str(data.get("name") or Path(source).stem)
     return Calibration(
         name=name,
@@ -210,6 +212,27 @@ def calibration_from_mapping(data: Any, source: str = "<calibration>", root: Any
         detector=str(data.get("detector", "pattern.v1")),
         protocol=protocol,
     )
+
+
+def calibration_schema() -> dict[str, Any]:
+    """Return the shipped JSON Schema of a calibration profile (``schemas/calibration.schema.json``)."""
+    text = (resources.files("pytest_quantsafe") / "schemas" / "calibration.schema.json").read_text("utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+def _validate_schema(data: Mapping[str, Any], where: _Where) -> None:
+    # After the checks above (which give the domain-worded messages): what is left, the schema names.
+    import jsonschema
+
+    errors = sorted(jsonschema.Draft202012Validator(calibration_schema()).iter_errors(data),
+                    key=lambda e: [str(p) for p in e.absolute_path])
+    if errors:
+        err = errors[0]
+        key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise PolicyError(f"{key}: {err.message}", where=where(key),
+                          fix=f"see the calibration schema ({err.validator} rule) and "
+                          "pytest_quantsafe/policies/calibration/default.yaml")
 
 
 def yaml_syntax_error(exc: Exception, source: str, what: str) -> PolicyError:

@@ -228,15 +228,9 @@ def _bad_record(case: str, good: dict[str, object]) -> bytes:
     return json.dumps(data).encode()
 
 
-#: Partial or wrong-typed records that need the typed record reader (the record issue) to be refused cleanly.
-NEEDS_READ_RECORD = {"screening_string", "calibration_list"}
-
-
 @pytest.mark.parametrize("case", RECORD_CASES)
 def test_bad_record_for_card(tmp_path: Path, capsys: pytest.CaptureFixture[str], outputs: Path,
-                             smollm2_gguf: Path, case: str, request: pytest.FixtureRequest) -> None:
-    if case in NEEDS_READ_RECORD:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="needs read_record from the record issue"))
+                             smollm2_gguf: Path, case: str) -> None:
     path = tmp_path / "record.json"
     path.write_bytes(_bad_record(case, _record(smollm2_gguf)))
     check_case(capsys, outputs, ["card", str(path), "--output", str(outputs / "card.yaml")], 2, names=[str(path)])
