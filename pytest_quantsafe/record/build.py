@@ -152,8 +152,10 @@ def build_record(
         "verdict": verdict.to_dict(),
         "limits": LIMITS_SENTENCE,
     }
-    if cache is not None:
-        record["cache"] = dict(cache)
+    # External evidence reads no completion cache and generates nothing here: say so too.
+    record["cache"] = dict(cache) if cache is not None else {
+        "read": False, "baseline_from_cache": 0, "candidate_from_cache": 0, "generated": 0,
+        "authentication": None, "dropped_corrupt": None, "dropped_unauthenticated": None}
     data: dict[str, Any] = normalize_floats(record)
     parse_record(data, f"record of {candidate.ref}")  # every record the suite writes matches the schema
     return data

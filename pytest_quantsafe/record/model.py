@@ -202,6 +202,19 @@ class VerdictBlock:
 
 
 @dataclass(frozen=True)
+class CacheInfo:
+    """Completion-cache provenance: was the cache read, how many completions came from it."""
+
+    read: bool
+    baseline_from_cache: int
+    candidate_from_cache: int
+    generated: int
+    authentication: str | None = None
+    dropped_corrupt: int | None = None
+    dropped_unauthenticated: int | None = None
+
+
+@dataclass(frozen=True)
 class Record:
     """One screening record. ``created`` is left out of the body digest (``build.body_digest``)."""
 
@@ -220,6 +233,7 @@ class Record:
     policy: PolicyBlock
     verdict: VerdictBlock
     limits: str
+    cache: CacheInfo | None = None
     #: Where the record came from (a file path or "<record>"), for error messages; not part of the JSON.
     source: str = field(default="<record>", compare=False, metadata={"json": False})
 
