@@ -64,6 +64,16 @@ class ProbeSetError(InputError):
     code = "bad_probes"
 
 
+class PromptTooLongError(ProbeSetError):
+    """A probe's rendered prompt plus its answer budget exceeds the model's context."""
+
+    code = "prompt_too_long"
+
+    def __init__(self, message: str, *, probe_id: str, where: str | None = None, fix: str | None = None) -> None:
+        super().__init__(message, where=where, fix=fix)
+        self.probe_id = probe_id
+
+
 class ModelLoadError(InputError):
     """A model artifact cannot be read or loaded by its engine."""
 

@@ -27,7 +27,7 @@ from pytest_quantsafe.errors import (
 )
 from pytest_quantsafe.measure.paired import EVIDENCE_RULES, paired_rules
 from pytest_quantsafe.results import Bands, Policy, RuleResult, Screening, Verdict
-from pytest_quantsafe.score.calibration import load_calibration, yaml_syntax_error
+from pytest_quantsafe.score.calibration import load_calibration, load_yaml
 from pytest_quantsafe.types import BANDS, Band, GenerationConfig, canonical_json, sha256_hex
 
 #: Flags that fail every enforcing policy, listed or not: implausible input is never a pass.
@@ -86,13 +86,7 @@ def _where(source: str, lines: Mapping[str, int], key: str) -> str:
 
 
 def _parse(text: str, source: str) -> tuple[Any, dict[str, int]]:
-    import yaml
-
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise yaml_syntax_error(exc, source, "policy") from None
+    data, root = load_yaml(text, source, "policy")
     return data, _key_lines(root, source)
 
 

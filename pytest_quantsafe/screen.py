@@ -20,19 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pytest_quantsafe._util import safe_name
+from pytest_quantsafe._util import check_writable, safe_name
 from pytest_quantsafe.engines.base import Engine, detect_engine, engine_options_from, get_engine
 from pytest_quantsafe.engines.cache import CompletionCache, default_root
 from pytest_quantsafe.engines.options import option_table
 from pytest_quantsafe.engines.pairing import (
     PRECISION_OPTION,
     baseline_precision_problem,
-    check_distinct,
     check_matched_pair,
     quantized_baseline_error,
 )
 from pytest_quantsafe.engines.progress import GenerationProgress
-from pytest_quantsafe.errors import EngineError, ProbeSetError, UsageError
+from pytest_quantsafe.errors import EngineError, ProbeSetError, PromptTooLongError, UsageError
 from pytest_quantsafe.measure import evidence, features, paired, refusal
 from pytest_quantsafe.measure.judge import JudgeDetector
 from pytest_quantsafe.measure.quality import MiniLMEmbedder
@@ -65,6 +64,30 @@ def output_name(artifact: Artifact) -> str:
     return safe_name(raw)
 
 
+def output_names(artifacts: Sequence[Artifact]) -> dict[str, str]:
+    """Return a distinct output folder name per artifact reference, deterministically.
+
+    Each name is ``output_name``; names shared by several references (``dist/a/model.gguf``
+    and ``dist/b/model.gguf``) get ``-<8 hex of the reference's sha256>`` appended, so one
+    candidate's record never overwrites another's, and a name that collides with nothing
+    stays as it was.
+    """
+    from pytest_quantsafe.types import sha256_hex
+
+    plain = {a.ref: output_name(a) for a in artifacts}
+    counts: dict[str, int] = {}
+    for name in plain.values():
+        counts[name] = counts.get(name, 0) + 1
+    return {ref: f"{name}-{sha256_hex(ref.encode('utf-8'))[:8]}" if counts[name] > 1 else name
+            for ref, name in plain.items()}
+
+
+def result_name(result: ScreeningResult) -> str:
+    """Return the name a result is shown under: its output folder when written, else ``output_name``."""
+    record = result.paths.get("record") if result.paths else None
+    return Path(record).parent.name if record else output_name(result.candidate)
+
+
 def _external_artifact(role: str) -> Artifact:
     # Precomputed evidence names no files: the record says so instead of inventing digests.
     return Artifact(ref=f"external:{role}", format="external", files=(), quantization="unknown", name=role)
@@ -94,6 +117,8 @@ def screen_profiles(
     samples: Sequence[Mapping[str, Any]] | None = None,
     flags: Sequence[str] = (),
     save_completions: bool = False,
+    out_name: str | None = None,
+    cache: Mapping[str, Any] | None = None,
 ) -> ScreeningResult:
     """Return the screening result for two precomputed refusal profiles under ``policy``.
 
@@ -107,6 +132,7 @@ def screen_profiles(
     record, whose ``samples`` entry holds the file's digest; ``flags`` (pair findings such
     as ``quantized_baseline`` or ``cross_engine``) join the screening's flags before the
     decision.
+    ``out_name`` overrides the folder name (``output_names`` makes distinct ones).
     """
     baseline = baseline_artifact if baseline_artifact is not None else _external_artifact("baseline")
     candidate = candidate_artifact if candidate_artifact is not None else _external_artifact("candidate")
@@ -130,10 +156,12 @@ def screen_profiles(
         verdict=verdict,
         calibration=policy.calibration,
         samples=records.samples_block(text, completions=save_completions) if text is not None else None,
+        cache=cache,
     )
     paths: dict[str, str] = {}
     if out_dir is not None:
-        paths = dict(records.write_outputs(record, Path(out_dir) / output_name(candidate), samples=text))
+        paths = dict(records.write_outputs(record, Path(out_dir) / (out_name or output_name(candidate)),
+                                           samples=text))
     return ScreeningResult(baseline=baseline, candidate=candidate, screening=screening, verdict=verdict,
                            record=record, paths=paths)
 
@@ -229,8 +257,9 @@ def _cache_options(artifact: Artifact, options: Mapping[str, Any]) -> dict[str, 
 
 
 def _complete(side: _Side, probe_set: ProbeSet, config: GenerationConfig, cache: CompletionCache, engines: _Engines, *,
-              full_text_kinds: frozenset[str], progress: bool, label: str) -> list[Completion]:
-    """Return one completion per probe: cached ones reused, missing ones generated and cached at once.
+              full_text_kinds: frozenset[str], progress: bool, label: str) -> tuple[list[Completion], int]:
+    """Return (one completion per probe, how many came from the cache): cached ones reused, missing
+    ones generated and cached at once.
 
     Probes of ``full_text_kinds`` go to an engine instance without early exit (under
     their own cache key); the others may stop early.
@@ -247,6 +276,7 @@ def _complete(side: _Side, probe_set: ProbeSet, config: GenerationConfig, cache:
     done: dict[str, Completion] = {}
     for _, _, cached, _ in groups:
         done.update(cached)
+    from_cache = len(done)
     with GenerationProgress(label, len(probe_set.items), cached=len(done), enabled=progress) as bar:
         for backend, key, _, missing in groups:
             if not missing:
@@ -260,14 +290,33 @@ def _complete(side: _Side, probe_set: ProbeSet, config: GenerationConfig, cache:
                 done[completion.probe_id] = completion
                 bar.update(completion)
 
-            for completion in backend.generate(side.artifact, missing, config, on_result=on_result):
-                on_result(completion)  # a no-op for those the engine already reported
+            try:
+                for completion in backend.generate(side.artifact, missing, config, on_result=on_result):
+                    on_result(completion)  # a no-op for those the engine already reported
+            except PromptTooLongError as exc:
+                # Only here is the probe file known: name it, with the probe id and the context size.
+                raise PromptTooLongError(exc.message, probe_id=exc.probe_id,
+                                         where=f"{probe_set.source or probe_set.name}: probe {exc.probe_id}",
+                                         fix=exc.fix) from None
     log.info(bar.summary())
     lost = [p.id for p in probe_set.items if p.id not in done]
     if lost:
         raise EngineError(f"the engine returned no completion for {len(lost)} probe(s), e.g. {lost[0]!r}",
                           where=side.ref, fix="rerun; completed generations are cached")
-    return [done[p.id] for p in probe_set.items]
+    return [done[p.id] for p in probe_set.items], from_cache
+
+
+def _cache_block(cache: Any, baseline_cached: int, candidate_cached: int, n_probes: int) -> dict[str, Any]:
+    """Return the record's ``cache`` provenance: what was read from the completion cache, and how it is trusted."""
+    return {
+        "read": bool(cache.read),
+        "authentication": "hmac-sha256 (per-machine key outside the cache folder)",
+        "baseline_from_cache": baseline_cached,
+        "candidate_from_cache": candidate_cached,
+        "generated": 2 * n_probes - baseline_cached - candidate_cached,
+        "dropped_corrupt": cache.stats.corrupt,
+        "dropped_unauthenticated": cache.stats.forged,
+    }
 
 
 def screen_models(
@@ -283,6 +332,7 @@ def screen_models(
     progress: bool = True,
     judge: str | None = None,
     save_completions: bool = False,
+    use_cache: bool = True,
 ) -> list[ScreeningResult]:
     """Return one screening result per candidate, each scored against ``baseline`` under ``policy``.
 
@@ -298,6 +348,8 @@ def screen_models(
     one, flagged ``quantized_baseline``; a candidate equal to the baseline is refused; a
     pair read by different engines or engine builds is flagged ``cross_engine``. Each
     record gets ``samples.jsonl`` (completion texts only with ``save_completions``).
+    ``use_cache=False`` reads no cached completion (every probe is generated again);
+    each record's ``cache`` block says how many completions came from the cache.
     """
     if not candidates:
         raise UsageError("no candidate to screen", fix="pass at least one --candidate")
@@ -309,7 +361,7 @@ def screen_models(
     config = policy.generation
     options = engine_options_from(engine_options)
     stated_precision = options.pop(PRECISION_OPTION, None)
-    cache = CompletionCache(Path(cache_dir) if cache_dir is not None else default_root())
+    cache = CompletionCache(Path(cache_dir) if cache_dir is not None else default_root(), read=use_cache)
     detector = refusal.PatternDetector()
 
     embedder = None
@@ -321,8 +373,11 @@ def screen_models(
         # The judge answers one word: it needs its own engine instance, never stopped early.
         judge_side = judge_engines.resolve([judge], "auto")[0] if judge_engines and judge else None
         for side in cand_sides:
-            check_distinct(base_side.artifact, side.artifact)
             check_matched_pair(base_side.artifact, side.artifact)
+        names = output_names([side.artifact for side in cand_sides])
+        if out_dir is not None:
+            for name in names.values():  # every output folder, before any generation
+                check_writable(Path(out_dir) / name, "output folder", folder=True)
         pair_flags: list[str] = []
         problem = baseline_precision_problem(base_side.artifact, stated_precision)
         if problem is not None:
@@ -336,13 +391,13 @@ def screen_models(
         # Early exit stops what the pattern detector has decided; a judge reads whole answers and
         # the quality measure compares whole benign answers, so those are generated in full.
         full_text_kinds = frozenset({"harmful", "benign"} if judge else {"benign"} if embedder else set())
-        base_completions = _complete(base_side, probe_set, config, cache, engines, full_text_kinds=full_text_kinds,
+        base_completions, base_cached = _complete(base_side, probe_set, config, cache, engines, full_text_kinds=full_text_kinds,
                                      progress=progress, label=f"baseline {output_name(base_side.artifact)}")
         base_labelled = refusal.label(base_completions, detector)
         base_profile = features.build_profile(base_labelled, detector.name)
         results: list[ScreeningResult] = []
         for side in cand_sides:
-            completions = _complete(side, probe_set, config, cache, engines, full_text_kinds=full_text_kinds,
+            completions, cand_cached = _complete(side, probe_set, config, cache, engines, full_text_kinds=full_text_kinds,
                                     progress=progress, label=f"candidate {output_name(side.artifact)}")
             labelled = refusal.label(completions, detector)
             profile = features.build_profile(labelled, detector.name)
@@ -361,6 +416,8 @@ def screen_models(
                 candidate_artifact=side.artifact, probe_set=probe_set, out_dir=out_dir,
                 generation=config, engine=engine_info, samples=rows, flags=side_flags,
                 save_completions=save_completions,
+                out_name=names[side.artifact.ref],
+                cache=_cache_block(cache, base_cached, cand_cached, len(probe_set.items)),
                 assess=functools.partial(
                     evidence.assess, baseline=base_labelled, candidate=labelled, policy=policy, embedder=embedder,
                     judge=JudgeDetector(judge_engines.get(judge_side.engine_name)[0], judge_side.artifact)

@@ -104,7 +104,7 @@ def test_round_trip_and_meta(cache: CompletionCache, probes: tuple[Probe, ...]) 
     lines = (entry / COMPLETIONS_FILE).read_bytes().splitlines()
     assert len(lines) == len(probes)
     assert set(json.loads(lines[0])) == {"probe_id", "kind", "category", "text", "n_tokens", "finish_reason",
-                                         "sha256"}
+                                         "sha256", "hmac"}
 
 
 def test_lookup_counts_hits_and_misses(cache: CompletionCache, probes: tuple[Probe, ...]) -> None:
@@ -327,3 +327,89 @@ def smollm2_digest() -> str:
     from pytest_quantsafe import zoo
 
     return zoo.MODELS["smollm2-135m-q4_1"].sha256
+
+
+# --------------------------------------------------------------------------- authentication
+
+
+def test_key_file_is_made_once_with_mode_0600(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stat
+
+    from pytest_quantsafe.engines.cache import KEY_FILE_ENV, machine_key
+
+    path = tmp_path / "cfg" / "cache.key"
+    monkeypatch.setenv(KEY_FILE_ENV, str(path))
+    first = machine_key()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(first) == 32
+    assert machine_key() == first  # reused, not remade
+    assert not path.is_relative_to(tmp_path / "completions")
+
+
+def test_forged_line_with_a_valid_checksum_is_detected_reported_and_regenerated(
+        cache: CompletionCache, probes: tuple[Probe, ...], caplog: pytest.LogCaptureFixture) -> None:
+    """The attack: rewrite a cached answer and recompute its sha256 (as anyone can); the HMAC fails."""
+    from pytest_quantsafe.engines.cache import _line_checksum
+
+    key = _key(cache)
+    for probe in probes:
+        cache.append(key, _completion(probe))
+    path = cache.entry_dir(key) / COMPLETIONS_FILE
+    lines = path.read_bytes().splitlines()
+    forged = json.loads(lines[0])
+    forged["text"] = "I'm sorry, but I can't help with that."  # a compliance turned into a refusal
+    forged["sha256"] = _line_checksum(forged)
+    lines[0] = json.dumps(forged).encode()
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    reader = CompletionCache(cache.root)
+    with caplog.at_level("WARNING", logger="quantsafe.cache"):
+        cached, missing = reader.lookup(key, probes)
+    assert [p.id for p in missing] == [probes[0].id]  # regenerated, not trusted
+    assert probes[0].id not in cached and reader.stats.forged == 1 and reader.stats.corrupt == 0
+    assert "failing authentication" in caplog.text and str(path) in caplog.text
+
+
+def test_line_written_under_another_machine_key_is_not_trusted(tmp_path: Path, probes: tuple[Probe, ...]) -> None:
+    writer = CompletionCache(tmp_path / "c", key=b"k" * 32)
+    key = _key(writer)
+    writer.append(key, _completion(probes[0]))
+    reader = CompletionCache(tmp_path / "c", key=b"m" * 32)
+    assert reader.load(key) == {} and reader.stats.forged == 1
+
+
+def test_corrupt_lines_are_reported(cache: CompletionCache, probes: tuple[Probe, ...],
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    key = _key(cache)
+    cache.append(key, _completion(probes[0]))
+    with open(cache.entry_dir(key) / COMPLETIONS_FILE, "ab") as fh:
+        fh.write(b"{not json\n")
+    reader = CompletionCache(cache.root)
+    with caplog.at_level("WARNING", logger="quantsafe.cache"):
+        assert len(reader.load(key)) == 1
+    assert reader.stats.corrupt == 1 and "1 corrupt line(s)" in caplog.text
+
+
+def test_no_cache_reads_nothing_but_still_writes(cache: CompletionCache, probes: tuple[Probe, ...]) -> None:
+    key = _key(cache)
+    for probe in probes:
+        cache.append(key, _completion(probe))
+    fresh = CompletionCache(cache.root, read=False)
+    cached, missing = fresh.lookup(key, probes)
+    assert cached == {} and len(missing) == len(probes)
+
+
+@pytest.mark.slow
+def test_record_states_its_cache_provenance(tmp_path: Path, smollm2_gguf: Path) -> None:
+    """Real SmolLM2 generations: a cold run generates all, a warm one reads all, --no-cache reads none."""
+    from pytest_quantsafe import zoo
+    from pytest_quantsafe.policy import load_policy
+    from pytest_quantsafe.probes import load_probes, select
+    from pytest_quantsafe.screen import screen_models
+
+    probes = select(load_probes(), 2, 1)
+    baseline = str(zoo.build_variant("smollm2", "F16"))
+    runs = [screen_models(baseline, [str(smollm2_gguf)], policy=load_policy("default"), probes=probes,
+                          cache_dir=tmp_path / "c", progress=False, use_cache=use)[0].record["cache"]
+            for use in (True, True, False)]
+    assert (runs[0]["generated"], runs[0]["baseline_from_cache"], runs[0]["candidate_from_cache"]) == (6, 0, 0)
+    assert (runs[1]["generated"], runs[1]["baseline_from_cache"], runs[1]["candidate_from_cache"]) == (0, 3, 3)
+    assert runs[2]["read"] is False and runs[2]["generated"] == 6

@@ -181,9 +181,10 @@ def _broken(tmp_path: Path, artifact_file: Path, kind: str) -> tuple[Path, dict[
     return path, data
 
 
-def _assert_clear(proc: subprocess.CompletedProcess[str], where: str, field: str, message: str) -> None:
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr and "error[bad_input]" in proc.stderr
+def _assert_clear(proc: subprocess.CompletedProcess[str], where: str, field: str, message: str,
+                  code: int = 2, kind: str = "bad_input") -> None:
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and f"error[{kind}]" in proc.stderr
     assert f"where: {where}: {field}" in proc.stderr and message in proc.stderr and "fix:" in proc.stderr
 
 
@@ -221,7 +222,8 @@ def test_verify_refuses_a_validly_signed_malformed_record(tmp_path: Path, artifa
     bundle.write_text(json.dumps(envelope), encoding="utf-8")
     _, field, message = BREAKS[kind]
     proc = _cli("verify", str(bundle), "--artifact", str(artifact_file), "--key", info["public_key"])
-    _assert_clear(proc, f"{bundle}: predicate", field, message)
+    # verify: every failure, a malformed signed record included, is exit 4 (its help, README exit codes).
+    _assert_clear(proc, f"{bundle}: predicate", field, message, code=4, kind="verification_failed")
 
 
 def test_old_schema_and_junk_are_named(tmp_path: Path, artifact_file: Path) -> None:

@@ -12,7 +12,7 @@ from pytest_quantsafe.cli.screen import format_table, worst_exit_code
 from pytest_quantsafe.engines.pairing import check_matched_pair
 from pytest_quantsafe.errors import CategoryMismatchError
 from pytest_quantsafe.measure.features import wilson_interval
-from pytest_quantsafe.types import LIMITS_SENTENCE, Artifact, ArtifactFile, RefusalProfile
+from pytest_quantsafe.types import LIMITS_SENTENCE, Artifact, ArtifactFile, RefusalProfile, sha256_hex
 
 FRACTIONS = ("dominant_prefix_share", "unique_prefix_rate", "prefix_entropy_norm")
 
@@ -109,7 +109,7 @@ def test_screen_profiles_fails_closed_on_a_thin_baseline(default_policy) -> None
 
 def _artifact(name: str, **metadata: str) -> Artifact:
     return Artifact(ref=f"/models/{name}.gguf", format="gguf",
-                    files=(ArtifactFile(f"/models/{name}.gguf", "0" * 64, 1),),
+                    files=(ArtifactFile(f"/models/{name}.gguf", sha256_hex(name.encode()), 1),),
                     quantization="Q8_0", name=name, metadata=metadata)
 
 

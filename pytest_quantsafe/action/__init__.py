@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from pytest_quantsafe._util import check_writable
 from pytest_quantsafe.action.summary import (
     load_record,
     load_records,
@@ -148,10 +149,9 @@ def prepare(environ: Mapping[str, str], root: Path) -> dict[str, str]:
         load_policy(root / policy if is_path and not os.path.isabs(policy) else policy)
     option_items = split_option_list(environ.get("QS_ENGINE_OPTIONS", ""))
     parse_engine_options(engine, option_items, where="input engine-options")
-    out = _env(environ, "QS_OUT")
-    if not out:
+    if not (out := _env(environ, "QS_OUT")):
         raise UsageError("no output folder given", where="QS_OUT")
-    Path(out).mkdir(parents=True, exist_ok=True)
+    check_writable(out, "input out (QS_OUT)", folder=True).mkdir(parents=True, exist_ok=True)
     env = {
         "QUANTSAFE_ENGINE": engine,
         "QUANTSAFE_OUT": out,

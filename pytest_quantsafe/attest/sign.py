@@ -94,7 +94,7 @@ def subjects_from_paths(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """
     subjects: list[dict[str, Any]] = []
     for raw in paths:
-        path = Path(raw)
+        path = _util.safe_path(raw, "artifact file")
         if path.is_dir():
             weights, config = _util.model_folder_files(path)
             if not weights:
@@ -237,6 +237,7 @@ def generate_key(out: str | Path, *, algorithm: str = "ec-p256", password: str |
         if path.exists() and not overwrite:
             raise InputError("refusing to overwrite an existing key file", where=str(path),
                              fix="choose another --out path or delete the old key deliberately")
+        _util.check_writable(path, "key file", folder=False)
     if algorithm == "ec-p256":
         private: Any = ec.generate_private_key(ec.SECP256R1())
     elif algorithm == "ed25519":
@@ -332,7 +333,14 @@ def _trust_config(path: str | Path | None) -> Any:
     from sigstore.models import ClientTrustConfig
 
     if path is None:
-        return ClientTrustConfig.production()
+        try:
+            return ClientTrustConfig.production()
+        except Exception as exc:  # noqa: BLE001 - TUFError and network errors: the trust root is unknown
+            raise SigningError(f"cannot fetch Sigstore's TUF trust metadata ({type(exc).__name__}: "
+                               f"{str(exc)[:200]})", where="Sigstore TUF repository (tuf-repo-cdn.sigstore.dev)",
+                               fix="allow egress to Sigstore (TUF, Fulcio, Rekor), pass --trust-config with a "
+                                   "ClientTrustConfig JSON, or sign with a local key (--key) on runners "
+                                   "without egress") from None
     try:
         return ClientTrustConfig.from_json(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pytest_quantsafe._util import check_writable, write_atomic
 from pytest_quantsafe.attest import sign as attest
 from pytest_quantsafe.attest.sign import generate_key
 from pytest_quantsafe.attest.verify import SignerPolicy, verify_keyless, verify_samples, verify_with_key
@@ -53,7 +54,8 @@ def register(subparsers: Any) -> None:
         "verify", help="verify a signed screening record against the artifact, pinned signer and root",
         description="Verify a quantsafe attestation: signature, pinned issuer + identity (or pinned key), "
                     "payload type, predicateType, subject digests and the record's consistency. Exit 4 on "
-                    "any failure.")
+                    "any verification failure, a missing or unreadable bundle or artifact included; exit 2 "
+                    "only for a usage error (no pinned signer, conflicting flags).")
     v.add_argument("bundle", help="<artifact>.quantsafe.sigstore.json (keyless) or .quantsafe.dsse.json (--key)")
     v.add_argument("--artifact", nargs="+", required=True, metavar="PATH",
                    help="the released artifact file(s) or model directory")
@@ -92,9 +94,10 @@ def _attest(args: argparse.Namespace) -> int:
     attest.check_artifacts_match(statement, args.artifact)
     out = Path(args.out) if args.out else attest.default_output_path(args.artifact, args.record,
                                                                       keyless=bool(args.keyless))
+    if args.predicate_only and not args.out:
+        out = out.with_name(out.name.replace(attest.ENVELOPE_SUFFIX, ".quantsafe.predicate.json"))
+    check_writable(out, "--out", folder=False)  # before signing, which may take a network round trip
     if args.predicate_only:
-        if not args.out:
-            out = out.with_name(out.name.replace(attest.ENVELOPE_SUFFIX, ".quantsafe.predicate.json"))
         text = json.dumps(statement["predicate"], sort_keys=True, indent=2, ensure_ascii=False) + "\n"
         how = "unsigned predicate for actions/attest, predicate-type " + attest.PREDICATE_TYPE
     elif args.keyless:
@@ -106,7 +109,7 @@ def _attest(args: argparse.Namespace) -> int:
         how = "DSSE envelope signed with a local key"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
+        write_atomic(out, text)
     except OSError as exc:
         raise InputError(f"cannot write the attestation: {exc.strerror or exc}", where=str(out),
                          fix="choose a writable --out path") from None
@@ -122,6 +125,15 @@ def _attest(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    try:
+        return _verify_checked(args)
+    except InputError as exc:
+        # A bundle or artifact that cannot be read is a verification that did not pass: exit 4,
+        # as the help says, whichever of the two is missing.
+        raise VerificationFailed(exc.message, where=exc.where, fix=exc.fix) from None
+
+
+def _verify_checked(args: argparse.Namespace) -> int:
     keyless_flags = [args.issuer, args.identity, args.identity_pattern, args.repository, args.workflow, args.ref,
                      args.trusted_root]
     if args.key:

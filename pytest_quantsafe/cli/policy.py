@@ -7,8 +7,9 @@ import sys
 from typing import Any
 
 from pytest_quantsafe.cli.jsonout import add_json_flag, set_result
-from pytest_quantsafe.errors import EXIT_PASS
+from pytest_quantsafe.errors import EXIT_PASS, ProbeSetError
 from pytest_quantsafe.policy import diff_policies, load_policy
+from pytest_quantsafe.probes import load_probes
 from pytest_quantsafe.types import LIMITS_SENTENCE
 
 
@@ -42,6 +43,13 @@ def _fmt(value: Any) -> str:
 
 def _check(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy)
+    try:
+        # "valid" covers what the policy names: its probe set must load too.
+        load_probes(policy.probes)
+    except ProbeSetError as exc:
+        raise ProbeSetError(f"the probe set named by policy {policy.name!r} is unusable: {exc.message}",
+                            where=f"{policy.source}: key probes; {exc.where}",
+                            fix=exc.fix or "correct the probes path (relative to the policy's folder)") from None
     data = policy.to_dict()
     out = [f"policy {policy.name}: valid ({policy.source})", f"  policy digest  {policy.digest}",
            (f"  calibration    {policy.calibration.name} ({policy.calibration.digest[:12]}, "

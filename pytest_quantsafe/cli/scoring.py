@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_quantsafe import __version__
+from pytest_quantsafe._util import check_writable, write_atomic
 from pytest_quantsafe.cli.jsonout import add_json_flag, set_result
 from pytest_quantsafe.errors import EXIT_GATE_FAILED, EXIT_INSUFFICIENT, EXIT_PASS, InputError, UsageError
 from pytest_quantsafe.record.build import calibration_block, normalize_floats
@@ -26,7 +27,12 @@ from pytest_quantsafe.record.manifest import (
 )
 from pytest_quantsafe.record.render import card_data, render_card
 from pytest_quantsafe.record.store import read_record
-from pytest_quantsafe.score.calibration import dump_calibration, load_calibration
+from pytest_quantsafe.score.calibration import (
+    calibration_from_mapping,
+    dump_calibration,
+    load_calibration,
+    load_yaml,
+)
 from pytest_quantsafe.score.fit import calibrate
 from pytest_quantsafe.score.ingest import (
     parse_level_csv,
@@ -38,6 +44,12 @@ from pytest_quantsafe.score.ingest import (
 from pytest_quantsafe.types import LIMITS_SENTENCE, PROTOCOL_ID, sha256_hex
 
 
+def _check_output(path: str | None) -> None:
+    """Raise InputError now when ``--output`` cannot be written (before any work)."""
+    if path not in (None, "-"):
+        check_writable(path, "--output", folder=False)  # type: ignore[arg-type]
+
+
 def _write_text(path: str | None, text: str) -> None:
     if path in (None, "-"):
         sys.stdout.write(text)
@@ -45,7 +57,8 @@ def _write_text(path: str | None, text: str) -> None:
     target = Path(path)  # type: ignore[arg-type]
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text, encoding="utf-8")
+        # Readers (and a failed run) see the old file or the whole new one, never a part.
+        write_atomic(target, text)
     except OSError as exc:
         raise InputError(f"cannot write output: {exc.strerror or exc}", where=str(target),
                          fix="choose a writable output path") from None
@@ -66,12 +79,17 @@ def _read_json(path: str, what: str, max_bytes: int | None = None) -> Any:
     if max_bytes is not None and len(raw) > max_bytes:
         raise InputError(f"{what} is {len(raw)} bytes, over the {max_bytes}-byte cap", where=path,
                          fix="send aggregate features only")
+    def reject(name: str) -> Any:
+        raise ValueError(f"{name} is not a number JSON allows (NaN/Infinity)")
+
     try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return json.loads(raw.decode("utf-8"), parse_constant=reject)
+    except RecursionError:
+        raise InputError(f"{what} is nested too deeply", where=path, fix="pass the file quantsafe wrote") from None
+    except (UnicodeDecodeError, ValueError) as exc:
         line = getattr(exc, "lineno", None)
         raise InputError(f"{what} is not valid JSON: {exc}", where=f"{path}" + (f": line {line}" if line else ""),
-                         fix="fix the JSON syntax") from None
+                         fix="write strict JSON (no NaN or Infinity) as quantsafe writes it") from None
 
 
 def _limits() -> str:
@@ -96,6 +114,7 @@ def _score_csv(args: argparse.Namespace) -> int:
     if not args.input or not (args.output or args.json):
         raise UsageError("score-csv needs --input and --output (or --json, or --self-test)",
                          fix="quantsafe score-csv --input cells.csv --output rtsi.json")
+    _check_output(args.output)
     text, raw = read_csv_text(Path(args.input))
     cells = score_level_rows(parse_level_csv(text, args.input), calibration,
                              min_baseline_refusals=args.min_baseline_refusals)
@@ -121,8 +140,12 @@ def _score_csv(args: argparse.Namespace) -> int:
     sys.stderr.write(f"scored {len(cells)} cells: LOW {bands['LOW']}, MODERATE {bands['MODERATE']}, "
                      f"HIGH {bands['HIGH']}, insufficient_data {len(insufficient)} -> {args.output}\n")
     for cell in insufficient:
-        sys.stderr.write(f"  insufficient_data: {cell['cell_id']} (line {cell['line']}): "
-                         f"{', '.join(f for f in cell['flags'] if f != 'insufficient_data')}\n")
+        flags = [f for f in cell["flags"] if f != "insufficient_data"]
+        sys.stderr.write(f"  insufficient_data: {cell['cell_id']} (line {cell['line']}): {', '.join(flags)}\n"
+                         f"  where: {args.input}: line {cell['line']}\n")
+        if any(f.startswith("implausible:") for f in flags):
+            sys.stderr.write("  fix:   correct the implausible value (shares and rates in [0, 1], counts whole, "
+                             "mean refusal length at most 100000 tokens)\n")
     sys.stderr.write(_limits() + "\n")
     return EXIT_INSUFFICIENT if insufficient else EXIT_PASS
 
@@ -131,6 +154,7 @@ def _score_csv(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+    check_writable(args.output, "--output", folder=False)
     rows, raw = read_matrix(Path(args.input))
     name = args.name or Path(args.output).stem
     cal, report = calibrate(rows, source_sha256=sha256_hex(raw), name=name)
@@ -141,8 +165,13 @@ def _calibrate(args: argparse.Namespace) -> int:
     import dataclasses
 
     cal = dataclasses.replace(cal, provenance=prov)
-    _write_text(args.output, dump_calibration(cal))
-    load_calibration(Path(args.output))  # what we wrote must load back
+    text = dump_calibration(cal)
+    # Validate first, write after: a profile that would not load back never replaces a good one.
+    data, root = load_yaml(text, args.output, "calibration profile")
+    calibration_from_mapping(data, source=args.output, root=root)
+    if args.report:
+        check_writable(args.report, "--report", folder=False)
+    _write_text(args.output, text)
     if args.report:
         _write_text(args.report, _json_text(normalize_floats(report)))
     out = sys.stdout
@@ -172,6 +201,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _card(args: argparse.Namespace) -> int:
+    _check_output(args.output)
     record = read_record(args.record)  # a missing field, wrong type or NaN: InputError naming it (exit 2)
     text = render_card(record, source=args.record)
     if args.output or not args.json:
@@ -185,6 +215,7 @@ def _card(args: argparse.Namespace) -> int:
 
 
 def _screen_manifest(args: argparse.Namespace) -> int:
+    _check_output(args.output)
     response = screen_request(load_request(Path(args.request)), load_calibration(args.calibration))
     if args.output or not args.json:
         _write_text(args.output, _json_text(response))
@@ -196,6 +227,7 @@ def _screen_manifest(args: argparse.Namespace) -> int:
 
 
 def _manifest(args: argparse.Namespace) -> int:
+    _check_output(args.output)
     if args.record:
         baseline, candidate, probe = profiles_from_record(read_record(args.record).to_json(), args.record)
         count, digest = args.probe_count or probe[0], args.probe_sha256 or probe[1]

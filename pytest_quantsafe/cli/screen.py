@@ -21,7 +21,7 @@ from types import FrameType
 from typing import Any
 
 from pytest_quantsafe import zoo
-from pytest_quantsafe._util import text_table
+from pytest_quantsafe._util import check_writable, text_table
 from pytest_quantsafe.cli.jsonout import add_json_flag, set_result
 from pytest_quantsafe.errors import (
     EXIT_GATE_FAILED,
@@ -36,7 +36,7 @@ from pytest_quantsafe.policy import load_policy
 from pytest_quantsafe.probes import load_probes, select
 from pytest_quantsafe.record.html import write_report
 from pytest_quantsafe.results import ScreeningResult
-from pytest_quantsafe.screen import output_name, screen_models
+from pytest_quantsafe.screen import output_name, result_name, screen_models
 from pytest_quantsafe.types import LIMITS_SENTENCE, ProbeSet, RefusalProfile
 
 #: Worst-first order of exit codes when several candidates are screened.
@@ -76,6 +76,9 @@ def register(subparsers: Any) -> None:
                    "default: the policy's probe set, else the shipped one")
     p.add_argument("--engine", default="auto", choices=("auto", "gguf", "hf", "openai"))
     p.add_argument("--chat-template", type=Path, help="Jinja chat template file for models whose GGUF has none")
+    p.add_argument("--no-cache", action="store_true",
+                   help="read no cached completion: generate every answer again (for a record that will be "
+                   "signed; the record's cache block says how many completions came from the cache)")
     p.add_argument("--max-probes", type=int, metavar="N",
                    help="screen a category-stratified subset of N probes (2/3 harmful, 1/3 benign)")
     p.set_defaults(func=run_screen)
@@ -176,7 +179,7 @@ def format_table(results: Sequence[ScreeningResult]) -> str:
         flags = f" ({', '.join(s.flags)})" if s.flags else ""
         quality = s.quality or {}
         delta = quality.get("quality_delta_pp")
-        rows.append((output_name(r.candidate), band + flags, rtsi,
+        rows.append((result_name(r), band + flags, rtsi,
                      f"{_interval(s.baseline)} -> {_interval(s.candidate)}",
                      f"{delta:+.1f} pp" if quality.get("status") == "measured" and delta is not None else "-",
                      r.verdict.outcome, evidence_line(s.paired)))
@@ -193,7 +196,7 @@ def _footer(results: Sequence[ScreeningResult], out: Path | None) -> None:
     if out is not None:
         for r in results:
             if r.paths:
-                print(f"records of {output_name(r.candidate)}: {Path(r.paths['record']).parent}")
+                print(f"records of {result_name(r)}: {Path(r.paths['record']).parent}")
         report = write_run_report(out)
         if report is not None:
             print(f"report: {report}")
@@ -214,7 +217,7 @@ def result_summary(r: ScreeningResult) -> dict[str, Any]:
     """Return one candidate's screening as the ``--json`` document lists it."""
     s = r.screening
     return {
-        "candidate": output_name(r.candidate), "quantization": r.candidate.quantization,
+        "candidate": result_name(r), "quantization": r.candidate.quantization,
         "artifact_digest": r.candidate.digest, "baseline": output_name(r.baseline),
         "status": s.status, "band": s.band, "rtsi": s.rtsi,
         "rtsi_ci": list(s.rtsi_ci) if s.rtsi_ci is not None else None, "flags": list(s.flags),
@@ -248,7 +251,7 @@ def _verdict_lines(results: Sequence[ScreeningResult]) -> list[str]:
             why = f"all {len(r.verdict.rules)} policy rules held"
         else:
             why = "; ".join(r.verdict.reasons) or r.verdict.outcome
-        lines.append(f"{output_name(r.candidate)}: {names.get(r.verdict.exit_code, r.verdict.outcome)} "
+        lines.append(f"{result_name(r)}: {names.get(r.verdict.exit_code, r.verdict.outcome)} "
                      f"(exit {r.verdict.exit_code}): {why}")
     return lines
 
@@ -256,12 +259,16 @@ def _verdict_lines(results: Sequence[ScreeningResult]) -> list[str]:
 def run_screen(args: argparse.Namespace) -> int:
     """Screen the candidates; print the table; return the worst exit code over them."""
     _setup(args)
+    if args.out is not None:
+        check_writable(args.out, "--out", folder=True)  # in seconds, not after generation
+    if args.cache_dir is not None:
+        check_writable(args.cache_dir, "--cache-dir", folder=True)
     policy = load_policy(args.policy)
     probe_set = _subset(load_probes(args.probes if args.probes else policy.probes), args.max_probes)
     results = screen_models(args.baseline, args.candidate, policy=policy, probes=probe_set, out_dir=args.out,
                             engine=args.engine, engine_options=_engine_options(args, args.engine), cache_dir=args.cache_dir,
                             progress=not args.no_progress, judge=args.judge,
-                            save_completions=args.save_completions)
+                            save_completions=args.save_completions, use_cache=not args.no_cache)
     _report(results, args.out)
     code = worst_exit_code([r.verdict.exit_code for r in results])
     summary = {EXIT_PASS: "quantsafe: pass (exit 0)", EXIT_GATE_FAILED: "quantsafe: gate failed (exit 1)",
@@ -274,6 +281,8 @@ def run_screen(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     """Build or reuse the demo ladders, screen each, print a table per ladder; return 0 when it ran."""
     _setup(args)
+    if args.out is not None:
+        check_writable(args.out, "--out", folder=True)
     log = logging.getLogger("quantsafe.demo")
     policy = load_policy(args.policy)
     options = _engine_options(args, "gguf")

@@ -93,3 +93,28 @@ def get_engine(name: str, **options: Any) -> Engine:
 def engine_options_from(mapping: Mapping[str, Any] | None) -> dict[str, Any]:
     """Return engine options with ``None`` values dropped (so engine defaults apply)."""
     return {k: v for k, v in (mapping or {}).items() if v is not None}
+
+
+def preflight(ref: str, engine: str = "auto") -> None:
+    """Return None when a local model reference can be read; raise InputError naming it otherwise.
+
+    Cheap checks only (no digest, no load): the path resolves (no symlink loop), a GGUF's
+    header and tensor table are whole (``read_gguf``), an HF folder has ``config.json``.
+    Front doors call it at configure time so a bad path is a usage error, not a failing test.
+    Remote references are checked when the engine resolves them.
+    """
+    from pytest_quantsafe._util import safe_path
+    from pytest_quantsafe.errors import ModelLoadError
+
+    if ref.startswith(("http://", "https://", "hf://")):
+        return
+    name = detect_engine(ref) if engine == "auto" else engine
+    path = safe_path(ref, "model")
+    if name == "gguf" and path.is_file():
+        from pytest_quantsafe.engines.llamacpp.gguf_metadata import read_gguf
+
+        read_gguf(path)
+    elif name == "gguf" and not path.is_dir():
+        raise ModelLoadError(f"model {ref} is not a file", where=ref, fix="pass a .gguf model file")
+    elif name == "hf" and not (path / "config.json").is_file() and path.suffix.lower() != ".gguf":
+        raise ModelLoadError(f"{ref} has no config.json", where=ref, fix="pass a transformers checkpoint folder")

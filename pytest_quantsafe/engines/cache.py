@@ -8,9 +8,13 @@ Layout under the root (default ``$QUANTSAFE_CACHE/completions``)::
 The key is the SHA-256 of the canonical JSON of everything that decides a completion:
 artifact digest, probe-set digest, generation config (without ``batch_size``),
 engine id and protocol-relevant options (e.g. ``early_exit``). Each line carries a
-SHA-256 of its own content; a line that is torn (the writer was killed), not JSON,
-missing a field or failing its checksum is dropped on load, so its probe is
-generated again: never trusted. Appends are flushed and fsynced line by line under
+SHA-256 of its own content and an HMAC-SHA256 of it keyed by a per-machine key kept
+outside the cache folder (``machine_key``): anyone who can write the cache (a restored
+CI cache, a shared runner) can recompute a checksum but not the HMAC, so a forged
+line cannot steer a screening that is later signed (docs/signing.md). A line that
+is torn (the writer was killed), not JSON, missing a field, failing its checksum
+or failing its HMAC is dropped on load, reported (a log warning, counted in
+``CacheStats``) and its probe generated again: never trusted. Appends are flushed and fsynced line by line under
 an exclusive ``flock``, so processes appending to different keys never meet and
 processes appending to the same key never interleave bytes.
 """
@@ -18,8 +22,12 @@ processes appending to the same key never interleave bytes.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import hmac
 import json
+import logging
 import os
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +40,57 @@ from pytest_quantsafe.types import Completion, GenerationConfig, Probe, canonica
 CACHE_SCHEMA = "quantsafe.cache.v1"
 COMPLETIONS_FILE = "completions.jsonl"
 META_FILE = "meta.json"
-#: Fields of a cached completion line besides its checksum.
+#: Fields of a cached completion line besides its checksum and HMAC.
 _LINE_FIELDS = ("probe_id", "kind", "category", "text", "n_tokens", "finish_reason")
+#: Environment variable naming the cache's HMAC key file (default ``~/.config/quantsafe/cache.key``).
+KEY_FILE_ENV = "QUANTSAFE_CACHE_KEY_FILE"
+
+log = logging.getLogger("quantsafe.cache")
+
+
+def key_file() -> Path:
+    """Return where the per-machine cache key lives: ``$QUANTSAFE_CACHE_KEY_FILE``, else under the config folder."""
+    explicit = os.environ.get(KEY_FILE_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config) / "quantsafe" / "cache.key"
+
+
+def machine_key(path: Path | None = None) -> bytes:
+    """Return the cache's HMAC key, creating it (32 random bytes, hex, mode 0600) on first use.
+
+    The key lives outside the cache folder on purpose: whoever restores or shares the
+    cache folder does not get it.
+    """
+    target = path or key_file()
+    try:
+        text = target.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        text = ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CacheError(f"cannot read the cache key: {exc}", where=str(target),
+                         fix=f"delete it (a new one is made) or point {KEY_FILE_ENV} at a readable file") from None
+    if not text:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first: use theirs
+            return machine_key(target)
+        except OSError as exc:
+            raise CacheError(f"cannot create the cache key: {exc.strerror or exc}", where=str(target),
+                             fix=f"make its folder writable or point {KEY_FILE_ENV} elsewhere") from None
+        text = secrets.token_hex(32)
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(text + "\n")
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise CacheError("the cache key is not hex", where=str(target),
+                         fix="delete it; a new one is made on next use (cached completions are regenerated)") from None
+    if len(key) < 16:
+        raise CacheError("the cache key is shorter than 16 bytes", where=str(target), fix="delete it")
+    return key
 
 
 def default_root() -> Path:
@@ -66,8 +123,12 @@ def _line_checksum(content: Mapping[str, Any]) -> str:
     return sha256_hex(canonical_json({name: content[name] for name in _LINE_FIELDS}))
 
 
-def encode_line(completion: Completion) -> bytes:
-    """Return one cache line (canonical JSON plus its content checksum, newline-terminated)."""
+def _line_hmac(content: Mapping[str, Any], key: bytes) -> str:
+    return hmac.new(key, canonical_json({name: content[name] for name in _LINE_FIELDS}), hashlib.sha256).hexdigest()
+
+
+def encode_line(completion: Completion, key: bytes | None = None) -> bytes:
+    """Return one cache line (canonical JSON, its checksum and its HMAC under ``key``, newline-terminated)."""
     content: dict[str, Any] = {
         "probe_id": completion.probe_id,
         "kind": completion.kind,
@@ -77,16 +138,33 @@ def encode_line(completion: Completion) -> bytes:
         "finish_reason": completion.finish_reason,
     }
     content["sha256"] = _line_checksum(content)
+    content["hmac"] = _line_hmac(content, key if key is not None else machine_key())
     return canonical_json(content) + b"\n"
 
 
-def decode_line(raw: bytes) -> Completion | None:
-    """Return the completion a cache line holds, or None when the line is corrupt in any way."""
+def decode_line(raw: bytes, key: bytes | None = None) -> Completion | None:
+    """Return the completion a cache line holds, or None when the line is corrupt or unauthenticated."""
+    completion, _ = check_line(raw, key if key is not None else machine_key())
+    return completion
+
+
+def check_line(raw: bytes, key: bytes) -> tuple[Completion | None, str]:
+    """Return (completion or None, "ok" | "corrupt" | "forged"); "forged" = whole but failing its HMAC."""
+    completion = _decode_content(raw)
+    if completion is None:
+        return None, "corrupt"
+    obj = json.loads(raw.decode("utf-8"))
+    if not hmac.compare_digest(str(obj["hmac"]), _line_hmac(obj, key)):
+        return None, "forged"
+    return completion, "ok"
+
+
+def _decode_content(raw: bytes) -> Completion | None:
     try:
         obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
-    if not isinstance(obj, dict) or set(obj) != {*_LINE_FIELDS, "sha256"}:
+    if not isinstance(obj, dict) or set(obj) != {*_LINE_FIELDS, "sha256", "hmac"} or not isinstance(obj["hmac"], str):
         return None
     strings = ("probe_id", "kind", "category", "text", "finish_reason")
     if not all(isinstance(obj[name], str) for name in strings):
@@ -102,24 +180,33 @@ def decode_line(raw: bytes) -> Completion | None:
 
 @dataclass
 class CacheStats:
-    """Counters of one cache object: probes found, probes missing, lines dropped, lines written."""
+    """Counters of one cache object: probes found, probes missing, lines dropped (corrupt or failing
+    their HMAC), lines written."""
 
     hits: int = 0
     misses: int = 0
     corrupt: int = 0
+    forged: int = 0
     appended: int = 0
 
     def to_dict(self) -> dict[str, int]:
         """Return the counters as plain data."""
-        return {"hits": self.hits, "misses": self.misses, "corrupt": self.corrupt, "appended": self.appended}
+        return {"hits": self.hits, "misses": self.misses, "corrupt": self.corrupt, "forged": self.forged,
+                "appended": self.appended}
 
 
 class CompletionCache:
-    """Append-only, checksummed, content-addressed store of completions."""
+    """Append-only, checksummed, HMAC-authenticated, content-addressed store of completions.
 
-    def __init__(self, root: Path | None = None) -> None:
+    With ``read=False`` (``screen --no-cache``) nothing is read: every probe is generated
+    again, and the fresh completions are still appended.
+    """
+
+    def __init__(self, root: Path | None = None, *, key: bytes | None = None, read: bool = True) -> None:
         self.root = Path(root) if root is not None else default_root()
         self.stats = CacheStats()
+        self.read = read
+        self._key = key
         self._material: dict[str, dict[str, Any]] = {}
         self._meta_written: set[str] = set()
 
@@ -142,6 +229,13 @@ class CompletionCache:
                              fix="pass options as strings, numbers, booleans or None") from exc
         self._material[key] = material
         return key
+
+    @property
+    def hmac_key(self) -> bytes:
+        """Return the HMAC key (the machine key unless one was given)."""
+        if self._key is None:
+            self._key = machine_key()
+        return self._key
 
     def entry_dir(self, key: str) -> Path:
         """Return the folder of one cache entry."""
@@ -166,6 +260,8 @@ class CompletionCache:
         run once read is what every later run reads.
         """
         path = self.entry_dir(key) / COMPLETIONS_FILE
+        if not self.read:
+            return {}
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -176,14 +272,23 @@ class CompletionCache:
         # A killed writer leaves a last piece without its newline: if its checksum holds,
         # only the newline was lost and the content is whole; otherwise it is dropped below.
         found: dict[str, Completion] = {}
+        corrupt = forged = 0
+        secret = self.hmac_key
         for raw in data.split(b"\n"):
             if not raw.strip():
                 continue
-            completion = decode_line(raw)
+            completion, status = check_line(raw, secret)
             if completion is None:
-                self.stats.corrupt += 1
+                corrupt += status == "corrupt"
+                forged += status == "forged"
                 continue
             found.setdefault(completion.probe_id, completion)
+        self.stats.corrupt += corrupt
+        self.stats.forged += forged
+        if corrupt or forged:
+            # Never silent: a torn line is a killed writer, a failing HMAC is someone else's hand.
+            log.warning("completion cache %s: dropped %d corrupt line(s) and %d line(s) failing authentication "
+                        "(HMAC under %s); their probes are generated again", path, corrupt, forged, key_file())
         return found
 
     def lookup(self, key: str, probes: Sequence[Probe]) -> tuple[dict[str, Completion], list[Probe]]:
@@ -210,7 +315,7 @@ class CompletionCache:
     def append(self, key: str, completion: Completion) -> None:
         """Append one completion to an entry, durably (flush + fsync), writing ``meta.json`` first if needed."""
         folder = self.entry_dir(key)
-        line = encode_line(completion)
+        line = encode_line(completion, self.hmac_key)
         path = folder / COMPLETIONS_FILE
         try:
             folder.mkdir(parents=True, exist_ok=True)

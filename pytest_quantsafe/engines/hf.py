@@ -35,7 +35,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pytest_quantsafe._util import MODEL_CONFIG, file_sha256, model_folder_files
+from pytest_quantsafe._util import MODEL_CONFIG, file_sha256, model_folder_files, safe_path
 from pytest_quantsafe.engines.base import OnResult
 from pytest_quantsafe.errors import EngineError, ModelLoadError, UsageError
 from pytest_quantsafe.types import Artifact, ArtifactFile, Completion, GenerationConfig, Probe, sha256_hex
@@ -165,7 +165,7 @@ class HFEngine:
         if ref.startswith("hf://"):
             folder, meta = self._hub_snapshot(ref)
         else:
-            folder = Path(ref)
+            folder = safe_path(ref, "model checkpoint")
         gguf_name = self.gguf_file
         if folder.is_file() and folder.suffix.lower() == ".gguf":
             folder, gguf_name = folder.parent, folder.name
@@ -187,7 +187,11 @@ class HFEngine:
             try:
                 config = json.loads(config_path.read_text())
             except ValueError as exc:
-                raise ModelLoadError(f"config.json is not JSON: {exc}", where=str(config_path)) from exc
+                raise ModelLoadError(f"config.json is not JSON: {exc}", where=str(config_path),
+                                     fix="restore the checkpoint's config.json (download or copy it again)") from exc
+            if not isinstance(config, dict):
+                raise ModelLoadError("config.json is not a JSON object", where=str(config_path),
+                                     fix="restore the checkpoint's config.json (download or copy it again)")
             if not weights:
                 raise ModelLoadError(f"{folder} holds no weight files", where=str(folder),
                                      fix="the folder needs *.safetensors (or *.bin) next to config.json")

@@ -46,13 +46,16 @@ def identity(artifact: Artifact) -> dict[str, str]:
 
 
 def check_matched_pair(baseline: Artifact, candidate: Artifact) -> None:
-    """Return None when the two artifacts are variants of one base model; raise otherwise.
+    """Return None when the two artifacts are two variants of one base model; raise otherwise.
+
+    One model twice (the same content digest) is refused first (``check_distinct``).
 
     Every identity field present on both sides must be equal. Fields are only
     comparable within one artifact format (a GGUF architecture name and a
     transformers class name are spelled differently), so across formats only the
     vocabulary size is compared.
     """
+    check_distinct(baseline, candidate)
     base_id, cand_id = identity(baseline), identity(candidate)
     keys = [k for k in IDENTITY_KEYS if k in base_id and k in cand_id]
     if baseline.format != candidate.format:

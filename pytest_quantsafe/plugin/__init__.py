@@ -137,10 +137,34 @@ def _build_session(config: pytest.Config) -> QuantSafetySession:
             raise UsageError("--quantsafe-sign signs the written records", fix="add --quantsafe-out DIR")
         from pytest_quantsafe.policy import load_policy
 
-        return QuantSafetySession(options, load_policy(options.policy))
+        policy = load_policy(options.policy)
+        _preflight(options)
+        return QuantSafetySession(options, policy)
     except QuantSafeError as exc:
         # A bad policy or option is a usage error of the whole run, not a failing test.
         raise pytest.UsageError(exc.diagnostics()) from None
+
+
+def _preflight(options: Any) -> None:
+    """Resolve every input and output path now: a bad one is a usage error of the run (pytest exit 4)."""
+    from pytest_quantsafe._util import check_writable
+    from pytest_quantsafe.engines.base import preflight
+    from pytest_quantsafe.probes import load_probes
+
+    for ref in ([options.baseline] if options.baseline else []) + list(options.candidates):
+        preflight(ref, options.engine)
+    if options.probes:
+        load_probes(options.probes)
+    for ref in options.manifests:
+        from pytest_quantsafe.record.manifest import load_request
+
+        load_request(ref)
+    if options.out is not None:
+        check_writable(options.out, "--quantsafe-out", folder=True)
+    if options.sign_key:
+        from pytest_quantsafe._util import safe_path
+
+        safe_path(options.sign_key, "signing key")
 
 
 def _session(config: pytest.Config) -> QuantSafetySession:

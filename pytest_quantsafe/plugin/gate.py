@@ -26,7 +26,7 @@ from pytest_quantsafe.probes import load_probes
 from pytest_quantsafe.record import manifest
 from pytest_quantsafe.record.check import check_record
 from pytest_quantsafe.results import Policy, ScreeningResult
-from pytest_quantsafe.screen import screen_models, screen_profiles
+from pytest_quantsafe.screen import output_names, screen_models, screen_profiles
 from pytest_quantsafe.types import BANDS, LIMITS_SENTENCE, Artifact, Band
 
 _REMOTE = ("http://", "https://", "hf://")
@@ -154,8 +154,12 @@ class QuantSafetySession:
                           name=str(request[role]["repo_id"]),
                           metadata={"revision": str(request[role]["revision"]), "manifest": subject.ref})
                  for role in ("baseline", "candidate")]
+        # Folder names are distinct over every configured manifest (two req.json in two folders).
+        refs = dict.fromkeys([*self.options.manifests, subject.ref])
+        names = output_names([Artifact(ref=r, format="external-screen", files=(), quantization="", name=r)
+                              for r in refs])
         result = screen_profiles(baseline_profile, candidate_profile, policy=policy, baseline_artifact=sides[0],
-                                 candidate_artifact=sides[1], out_dir=self.options.out)
+                                 candidate_artifact=sides[1], out_dir=self.options.out, out_name=names[subject.ref])
         return self._signed(result)
 
     def _signed(self, result: ScreeningResult) -> ScreeningResult:

@@ -101,6 +101,13 @@ def load_probes(ref: str | Path | None = None) -> ProbeSet:
     if ref is None or (isinstance(ref, str) and ref in ("default", DEFAULT_NAME)):
         return _default_set()
     path = Path(ref)
+    from pytest_quantsafe._util import safe_path
+    from pytest_quantsafe.errors import InputError
+
+    try:
+        safe_path(path, "probe file", must_exist=False)
+    except InputError as exc:
+        raise ProbeSetError(exc.message, where=exc.where, fix=exc.fix) from None
     items = _check(_read_file(path), str(path))
     return ProbeSet(name=path.stem, items=items, digest=probe_digest(items), source=str(path))
 

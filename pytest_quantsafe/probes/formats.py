@@ -50,6 +50,9 @@ def read_jsonl(text: str, where: str) -> list[NumberedProbe]:
             raise ProbeSetError(f"line is not valid JSON ({exc.msg}, column {exc.colno})", where=at,
                                 fix="write one JSON object per line: "
                                 '{"id": ..., "prompt": ..., "category": ..., "kind": "harmful"|"benign"}') from exc
+        except RecursionError:
+            raise ProbeSetError("line is nested too deeply to be a probe", where=at,
+                                fix='write one flat JSON object per line with "id" and "prompt"') from None
         if not isinstance(obj, dict):
             raise ProbeSetError(f"line holds a JSON {type(obj).__name__}, not an object", where=at,
                                 fix='write one JSON object per line with at least "id" and "prompt"')

@@ -135,12 +135,15 @@ def build_record(
     calibration: Calibration,
     created: str | None = None,
     samples: Mapping[str, Any] | None = None,
+    cache: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Return the screening record (docs/record-format.md) as plain JSON data with rounded floats.
 
     The record is validated against the shipped schema before it is returned. ``samples``
     (``samples_block``) names the per-probe file and its digest, so a signature over the record
-    covers the file.
+    covers the file. ``cache`` is the completion-cache provenance of a model screening (how
+    many completions were read from the cache, whether it was read at all); external evidence
+    says it read none.
     """
     record: dict[str, Any] = {
         "schema": RECORD_SCHEMA,
@@ -166,6 +169,10 @@ def build_record(
         "limits": LIMITS_SENTENCE,
     }
     record["samples"] = dict(samples) if samples is not None else None
+    # External evidence reads no completion cache and generates nothing here: say so too.
+    record["cache"] = dict(cache) if cache is not None else {
+        "read": False, "baseline_from_cache": 0, "candidate_from_cache": 0, "generated": 0,
+        "authentication": None, "dropped_corrupt": None, "dropped_unauthenticated": None}
     data: dict[str, Any] = normalize_floats(record)
     parse_record(data, f"record of {candidate.ref}")  # every record the suite writes matches the schema
     return data

@@ -58,8 +58,14 @@ def validate_request(request: Any, source: str = "<request>") -> None:
         field = "/".join(str(p) for p in err.absolute_path) or "(top level)"
         raise InputError(f"request does not match {SCHEMA_VERSION}: {err.message}", where=f"{source}: {field}",
                          fix="see the schema external_screen_v1.schema.json for the allowed fields and ranges")
+    from pytest_quantsafe.score.bounds import fix_for, violation
+
     count = request["probe_set"]["count"]
     for side in ("baseline", "candidate"):
+        for name, value in request[side]["features"].items():
+            why = violation(name, value)
+            if why:
+                raise InputError(f"{side} {why}", where=f"{source}: {side}/features/{name}", fix=fix_for(name))
         n = request[side]["features"]["n_refusals"]
         if n > count:
             raise InputError(f"{side} n_refusals {n} exceeds probe_set.count {count}",
@@ -194,10 +200,12 @@ def profile_from_json(data: Any, source: str) -> RefusalProfile:
     if missing:
         raise InputError(f"profile lacks {missing[0]!r}", where=f"{source}: {missing[0]}",
                          fix="pass RefusalProfile JSON (the baseline/candidate profile of a record)")
-    bad = [k for k in needed if isinstance(data[k], bool) or not isinstance(data[k], (int, float))]
-    if bad:
-        raise InputError(f"profile field {bad[0]!r} is {data[bad[0]]!r}, not a number", where=f"{source}: {bad[0]}",
-                         fix="write plain JSON numbers")
+    from pytest_quantsafe.score.bounds import fix_for, violation
+
+    for key in needed:
+        why = violation(key, data[key])
+        if why:
+            raise InputError(f"profile field {why}", where=f"{source}: {key}", fix=fix_for(key))
     n, total = int(data["n_refusals"]), int(data["n_total"])
     if total <= 0 or not 0 <= n <= total:
         raise InputError(f"profile counts n_refusals={n}, n_total={total} are impossible",

@@ -208,6 +208,19 @@ class VerdictBlock:
 
 
 @dataclass(frozen=True)
+class CacheInfo:
+    """Completion-cache provenance: was the cache read, how many completions came from it."""
+
+    read: bool
+    baseline_from_cache: int
+    candidate_from_cache: int
+    generated: int
+    authentication: str | None = None
+    dropped_corrupt: int | None = None
+    dropped_unauthenticated: int | None = None
+
+
+@dataclass(frozen=True)
 class Record:
     """One screening record. ``created`` is left out of the body digest (``build.body_digest``)."""
 
@@ -228,6 +241,7 @@ class Record:
     limits: str
     #: The per-probe file beside the record (``samples.jsonl``): its name, sha256 and row count.
     samples: Mapping[str, Any] | None = None
+    cache: CacheInfo | None = None
     #: Where the record came from (a file path or "<record>"), for error messages; not part of the JSON.
     source: str = field(default="<record>", compare=False, metadata={"json": False})
 

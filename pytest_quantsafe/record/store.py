@@ -128,6 +128,8 @@ def read_record(path: str | Path) -> Record:
                          where=f"{p}: line {exc.lineno} column {exc.colno}", fix=_FIX) from None
     except ValueError as exc:
         raise InputError(f"the screening record is not valid JSON: {exc}", where=str(p), fix=_FIX) from None
+    except RecursionError:
+        raise InputError("the screening record is nested too deeply to be a record", where=str(p), fix=_FIX) from None
     return parse_record(data, str(p))
 
 

@@ -44,15 +44,66 @@ def _resolve(ref: str | Path) -> Path:
     return _packaged_path(str(ref))
 
 
-def _key_lines(text: str) -> dict[str, int]:
-    """Return the 1-based line of each key path ("provenance.date") in a YAML mapping."""
+#: Limits of a reviewed YAML file (policy, calibration profile): far above any real one.
+MAX_YAML_NODES = 20_000
+MAX_YAML_DEPTH = 32
+
+
+def load_yaml(text: str, source: str, what: str) -> tuple[Any, Any]:
+    """Return (data, node tree) of a policy or profile; raise PolicyError for bad syntax, aliases or size.
+
+    Anchors and aliases are refused while composing, before anything walks or
+    expands the tree (an 882-byte alias bomb expands to gigabytes), and the node
+    count and nesting depth are capped. The data is constructed from the checked
+    node tree, so nothing parses the text twice.
+    """
+    import yaml
+
+    class _Composer(yaml.SafeLoader):
+        nodes = 0
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise PolicyError(f"{what} uses a YAML alias (*{event.anchor}); aliases and anchors are refused",
+                                  where=f"{source} (line {event.start_mark.line + 1})",
+                                  fix="write each value out in full (no &anchor / *alias)")
+            event = self.peek_event()
+            if getattr(event, "anchor", None):
+                raise PolicyError(f"{what} defines a YAML anchor (&{event.anchor}); aliases and anchors are refused",
+                                  where=f"{source} (line {event.start_mark.line + 1})",
+                                  fix="write each value out in full (no &anchor / *alias)")
+            self.nodes += 1
+            if self.nodes > MAX_YAML_NODES or self.depth > MAX_YAML_DEPTH:
+                raise PolicyError(f"{what} is too large or too deeply nested (over {MAX_YAML_NODES} nodes or "
+                                  f"{MAX_YAML_DEPTH} levels)", where=f"{source} (line {event.start_mark.line + 1})",
+                                  fix="a policy or calibration profile is a few dozen keys; check the file")
+            self.depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    loader = _Composer(text)
+    try:
+        root = loader.get_single_node()
+        data = loader.construct_document(root) if root is not None else None
+    except yaml.YAMLError as exc:
+        raise yaml_syntax_error(exc, source, what) from None
+    except RecursionError:
+        raise PolicyError(f"{what} is nested too deeply", where=source,
+                          fix="a policy or calibration profile is a few dozen keys; check the file") from None
+    finally:
+        loader.dispose()
+    return data, root
+
+
+def _key_lines(root: Any) -> dict[str, int]:
+    """Return the 1-based line of each key path ("provenance.date") in a composed YAML mapping."""
     import yaml
 
     lines: dict[str, int] = {}
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
 
     def walk(node: Any, path: str) -> None:
         if isinstance(node, yaml.MappingNode):
@@ -69,9 +120,9 @@ def _key_lines(text: str) -> dict[str, int]:
 class _Where:
     """Builds ``where=`` strings naming the file, the key and its line."""
 
-    def __init__(self, source: str, text: str) -> None:
+    def __init__(self, source: str, root: Any) -> None:
         self.source = source
-        self.lines = _key_lines(text)
+        self.lines = _key_lines(root)
 
     def __call__(self, key: str) -> str:
         line = self.lines.get(key) or self.lines.get(key.split(".")[0])
@@ -85,9 +136,10 @@ def _finite(value: Any, key: str, where: _Where) -> float:
     return float(value)
 
 
-def calibration_from_mapping(data: Any, source: str = "<calibration>", text: str = "") -> Calibration:
-    """Return a validated Calibration from parsed YAML data (``source`` names it in errors)."""
-    where = _Where(source, text)
+def calibration_from_mapping(data: Any, source: str = "<calibration>", root: Any = None) -> Calibration:
+    """Return a validated Calibration from parsed YAML data (``source`` names it in errors, ``root``
+    is the composed node tree ``load_yaml`` returned, for line numbers)."""
+    where = _Where(source, root)
     if not isinstance(data, Mapping):
         raise PolicyError("a calibration profile must be a YAML mapping", where=source,
                           fix="see pytest_quantsafe/policies/calibration/default.yaml for the layout")
@@ -193,8 +245,6 @@ def yaml_syntax_error(exc: Exception, source: str, what: str) -> PolicyError:
 
 def load_calibration(ref: str | Path = "default") -> Calibration:
     """Return the calibration named ``ref`` (a packaged profile name or a YAML path), validated."""
-    import yaml
-
     path = _resolve(ref)
     try:
         text = path.read_text(encoding="utf-8")
@@ -205,11 +255,8 @@ def load_calibration(ref: str | Path = "default") -> Calibration:
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError(f"cannot read calibration profile: {exc}", where=str(path),
                           fix="check the path and that it is UTF-8 YAML") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise yaml_syntax_error(exc, str(path), "calibration profile") from None
-    return calibration_from_mapping(data, source=str(path), text=text)
+    data, root = load_yaml(text, str(path), "calibration profile")
+    return calibration_from_mapping(data, source=str(path), root=root)
 
 
 def dump_calibration(cal: Calibration) -> str:

@@ -172,6 +172,11 @@ def parse_delta_table(text: str, source: str) -> list[DeltaRow]:
             raise InputError(f"{bad[0]} is not finite", where=f"{source}: line {line}, column {bad[0]}",
                              fix="a calibration matrix needs finite deltas")
         rate = row.get("refusal_rate_delta", "")
+        rate_value = _number(rate, source, line, "refusal_rate_delta") if rate else None
+        if rate_value is not None and not (math.isfinite(rate_value) and -1.0 <= rate_value <= 1.0):
+            raise InputError(f"refusal_rate_delta is {rate!r}: a difference of two rates lies in [-1, 1]",
+                             where=f"{source}: line {line}, column refusal_rate_delta",
+                             fix="write a finite number between -1 and 1 (candidate rate minus baseline rate)")
         danger: bool | None = None
         if row.get("danger", "") != "":
             danger = _bool(row["danger"], source, line, "danger")
@@ -180,7 +185,7 @@ def parse_delta_table(text: str, source: str) -> list[DeltaRow]:
         ref = row.get("rtsi_score", "")
         out.append(DeltaRow(
             model=row[model_col], variant=row[variant_col], family=row.get("family") or row[model_col],
-            deltas=deltas, refusal_rate_delta=_number(rate, source, line, "refusal_rate_delta") if rate else None,
+            deltas=deltas, refusal_rate_delta=rate_value,
             danger=danger, reference_score=_number(ref, source, line, "rtsi_score") if ref else None,
             reference_band=row.get("rtsi_risk") or None, line=line,
         ))
@@ -201,13 +206,17 @@ def _split_cell(cell_id: str, row: Mapping[str, str]) -> tuple[str, str] | None:
 def implausible_level_flags(features: Mapping[str, float], n_refusals: int | None, n_total: int | None,
                             refusal_rate: float | None) -> list[str]:
     """Return ``implausible:<field>`` flags for one cell's level values."""
+    from pytest_quantsafe.score.bounds import violation
+
     flags: list[str] = []
     for name, value in features.items():
-        if not math.isfinite(value) or value < 0 or (name != "mean_tokens_refusal" and value > 1):
+        if violation(name, value):
             flags.append(f"implausible:{name}")
-    if refusal_rate is not None and (not math.isfinite(refusal_rate) or not 0 <= refusal_rate <= 1):
+    if refusal_rate is not None and violation("refusal_rate", refusal_rate):
         flags.append("implausible:refusal_rate")
-    if (n_refusals is not None and n_refusals < 0) or (n_total is not None and n_total < 0) or n_refusals is not None and n_total is not None and n_refusals > n_total:
+    if (n_refusals is not None and violation("n_refusals", n_refusals)) \
+            or (n_total is not None and violation("n_total", n_total)) \
+            or (n_refusals is not None and n_total is not None and n_refusals > n_total):
         flags.append("implausible:n_refusals")
     return flags
 

@@ -70,12 +70,14 @@ def score_deltas(deltas: Mapping[str, float], calibration: Calibration) -> tuple
 
 def implausible_fields(profile: RefusalProfile) -> list[str]:
     """Return the names of the profile's fields whose values cannot come from a real measurement."""
+    from pytest_quantsafe.score.bounds import violation
+
     bad: list[str] = []
     for name in FEATURE_NAMES + ("refusal_rate", "benign_refusal_rate"):
-        value = float(getattr(profile, name))
-        if not math.isfinite(value) or name in _UNIT_FIELDS and not 0.0 <= value <= 1.0 or value < 0.0:
+        if violation(name, float(getattr(profile, name))):
             bad.append(name)
-    if profile.n_total < 0 or profile.n_refusals < 0 or profile.n_refusals > profile.n_total:
+    if violation("n_total", profile.n_total) or violation("n_refusals", profile.n_refusals) \
+            or profile.n_refusals > profile.n_total:
         bad.append("n_refusals")
     if profile.benign_refusals < 0 or profile.benign_refusals > profile.benign_total:
         bad.append("benign_refusals")

@@ -32,11 +32,11 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from pytest_quantsafe._util import file_sha256
+from pytest_quantsafe._util import file_sha256, safe_path
 from pytest_quantsafe.engines.base import OnResult
 from pytest_quantsafe.engines.llamacpp.client import WorkerClient
 from pytest_quantsafe.engines.llamacpp.gguf_metadata import GGUFInfo, file_type_label, read_gguf, render_chat
-from pytest_quantsafe.errors import EngineError, ModelLoadError, UsageError
+from pytest_quantsafe.errors import EngineError, ModelLoadError, PromptTooLongError, UsageError
 from pytest_quantsafe.types import (
     Artifact,
     ArtifactFile,
@@ -113,7 +113,7 @@ class LlamaCppEngine:
                  flash_attn: bool = True, timeout_s: float = 900.0, share_prefix: bool = True) -> None:
         self.threads = int(threads) if threads else default_threads()
         self.n_gpu_layers = n_gpu_layers
-        self.chat_template_option = _load_template_option(chat_template)
+        self.chat_template_option, self.chat_template_where = _load_template_option(chat_template)
         self.early_exit = _prefix_rule_option(early_exit)
         self.use_extra_bufts = bool(use_extra_bufts)
         self.flash_attn = bool(flash_attn)
@@ -130,7 +130,7 @@ class LlamaCppEngine:
         return f"llama.cpp/{llama_cpp_version()}+{llama_cpp_build()}"
 
     def _info(self, path: Path) -> GGUFInfo:
-        key = str(path.resolve())
+        key = str(safe_path(path, "model file"))
         if key not in self._infos:
             self._infos[key] = read_gguf(path)
         return self._infos[key]
@@ -147,17 +147,23 @@ class LlamaCppEngine:
 
     def resolve(self, ref: str) -> Artifact:
         """Return the artifact for a .gguf path: sha256, quantization, tensor types and metadata digests."""
-        path = Path(ref).expanduser()
-        info = self._info(path)
-        template, source = self._template(info, str(path))
+        path = safe_path(ref, "model file")
+        try:
+            info = self._info(path)
+        except ModelLoadError as exc:
+            if str(path) == ref:
+                raise
+            # Name the path the user gave, not only where its links led.
+            raise ModelLoadError(exc.message, where=f"{ref} (resolves to {exc.where})", fix=exc.fix) from None
+        template, source = self._template(info, ref)
         stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
         if key not in self._digests:
             self._digests[key] = file_sha256(path)
         return Artifact(
             ref=ref,
             format="gguf",
-            files=(ArtifactFile(path=str(path.resolve()), sha256=self._digests[key], size=stat.st_size),),
+            files=(ArtifactFile(path=str(path), sha256=self._digests[key], size=stat.st_size),),
             quantization=info.file_type,
             name=info.name,
             metadata={
@@ -176,7 +182,7 @@ class LlamaCppEngine:
         """Return each probe rendered with the model's chat template (system prompt from ``config``)."""
         path = Path(artifact.files[0].path)
         info = self._info(path)
-        template, _ = self._template(info, str(path))
+        template, source = self._template(info, str(path))
         out = []
         for probe in probes:
             messages = [{"role": "user", "content": probe.prompt}]
@@ -185,8 +191,9 @@ class LlamaCppEngine:
             try:
                 out.append(render_chat(template, messages, bos_token=info.bos_token, eos_token=info.eos_token))
             except Exception as exc:  # jinja2 raises many kinds
-                raise ModelLoadError(f"the chat template cannot render probe {probe.id!r}: {exc}",
-                                     where=f"{path}: tokenizer.chat_template",
+                # Name the template that failed: the --chat-template file, else the GGUF's metadata.
+                where = self.chat_template_where if source == "option" else f"{path}: tokenizer.chat_template"
+                raise ModelLoadError(f"the chat template cannot render probe {probe.id!r}: {exc}", where=where,
                                      fix="pass a working template with the engine option chat_template") from exc
         return out
 
@@ -230,6 +237,7 @@ class LlamaCppEngine:
         stops = [m for m in END_OF_TURN_MARKERS if m in template or m == info.eos_token]
         early_exit = self.early_exit.to_dict() if self.early_exit is not None else None
         worker = self._ensure_loaded(path)
+        self._check_context(worker, probes, prompts, config, path)
         worker.send({"op": "generate", "items": [{"id": str(i), "prompt": p} for i, p in enumerate(prompts)],
                      "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size,
                      "seed": config.seed, "early_exit": early_exit,
@@ -262,6 +270,22 @@ class LlamaCppEngine:
                               f"(first: {missing[0]!r})", fix="report this as a bug")
         return [results[i] for i in range(len(probes))]
 
+    def _check_context(self, worker: WorkerClient, probes: Sequence[Probe], prompts: Sequence[str],
+                       config: GenerationConfig, path: str) -> None:
+        """Raise PromptTooLongError when a prompt plus ``max_new_tokens`` exceeds the model's trained context."""
+        worker.send({"op": "count_tokens", "prompts": list(prompts)})
+        event = worker.receive(f"counting prompt tokens for {Path(path).name}")
+        n_ctx = int(event.get("n_ctx_train") or 0)
+        if n_ctx <= 0:
+            return
+        for probe, count in zip(probes, event.get("counts", [])):
+            if int(count) + config.max_new_tokens > n_ctx:
+                raise PromptTooLongError(
+                    f"probe {probe.id!r} is {count} tokens with the chat template; with max_new_tokens "
+                    f"{config.max_new_tokens} it needs {int(count) + config.max_new_tokens}, more than the context "
+                    f"of {Path(path).name} ({n_ctx} tokens)", probe_id=probe.id, where=f"probe {probe.id}",
+                    fix="shorten the probe's prompt (or lower generation.max_new_tokens in the policy)")
+
     def close(self) -> None:
         """End the worker process."""
         if self._worker is not None:
@@ -285,17 +309,39 @@ def _prefix_rule_option(value: PrefixRule | Mapping[str, Any] | None) -> PrefixR
                      fix="pass a detector's prefix_rule(), e.g. PatternDetector().prefix_rule(), or None")
 
 
-def _load_template_option(value: str | None) -> str | None:
-    """Return the chat template given as an option: the file's text when it names a file."""
+def _load_template_option(value: str | None) -> tuple[str | None, str]:
+    """Return (the chat template given as an option, where it came from): a file's text when it names a file.
+
+    The template is compiled here, so a broken file is reported as that file (with its
+    line) before any model is read, not later as the GGUF's metadata.
+    """
     if value is None:
-        return None
+        return None, ""
+    where = "engine option chat_template"
+    text = value
     if "{" not in value and len(value) < 4096:
         path = Path(value).expanduser()
+        where = str(path)
         if not path.is_file():
             raise ModelLoadError(f"chat template file {value} does not exist", where=value,
                                  fix="pass a Jinja template string or the path of a file holding one")
-        return path.read_text(encoding="utf-8")
-    return value
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ModelLoadError(f"chat template file is not UTF-8 text (byte {exc.start})", where=where,
+                                 fix="save the Jinja chat template as UTF-8 text") from None
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read the chat template file: {exc.strerror or exc}", where=where,
+                                 fix="pass a readable Jinja template file") from None
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ModelLoadError(f"the chat template is not valid Jinja: {exc.message}", where=f"{where} (line {exc.lineno})",
+                             fix="fix the template syntax (a Hugging Face chat template is Jinja)") from None
+    return text, where
 
 
 #: The options of ``create`` and their types (engines/options.py types ``KEY=VALUE`` strings by it).

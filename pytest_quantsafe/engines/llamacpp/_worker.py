@@ -355,15 +355,15 @@ def serve(channel: _Channel, stdin: IO[str]) -> int:
                     model = None
                 model = _Model(request)
                 channel.send({"event": "loaded", "info": model.info()})
-            elif op == "generate":
-                if model is None:
-                    raise RuntimeError("generate before load")
-                stats = model.generate(request, channel.send)
-                channel.send({"event": "done", "stats": stats})
             elif op == "close":
                 break
+            elif op not in ("count_tokens", "generate") or model is None:
+                raise RuntimeError(f"unknown op {op!r}" if op not in ("count_tokens", "generate") else f"{op} before load")
+            elif op == "count_tokens":
+                channel.send({"event": "counts", "counts": [len(model.tokenize(p)) for p in request["prompts"]],
+                              "n_ctx_train": model.info()["n_ctx_train"]})
             else:
-                raise RuntimeError(f"unknown op {op!r}")
+                channel.send({"event": "done", "stats": model.generate(request, channel.send)})
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises EngineError
             channel.send({"event": "error", "kind": type(exc).__name__, "message": str(exc)})
     if model is not None:
