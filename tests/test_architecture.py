@@ -35,7 +35,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("measure",),
     ("policy",),
     ("record", "attest"),
-    ("screen",),
+    ("generation", "screen"),
     ("cli", "plugin", "action"),
 )
 #: Who may import the test/demo model builders: the zoo itself and the ``demo`` command.

@@ -178,19 +178,19 @@ def test_progress_counts_and_draws_only_on_a_terminal() -> None:
 
 def test_early_exit_hands_the_detector_rule_to_the_engine_and_keys_the_cache_by_it() -> None:
     """The engine gets the detector's rule (not a bool), and another rule is another cache entry."""
+    from pytest_quantsafe.generation import Engines, _cache_options
     from pytest_quantsafe.measure.refusal import PatternDetector
-    from pytest_quantsafe.screen import _cache_options, _Engines
 
     rule = PatternDetector().prefix_rule()
     art = Artifact(ref="m.gguf", format="gguf", files=(ArtifactFile("m.gguf", "a" * 64, 1),), quantization="Q4_K_M",
                    name="m")
-    engines = _Engines({}, rule)
+    engines = Engines({}, rule)
     engine, options = engines.get("gguf")
     assert engine.early_exit == rule and options["early_exit"] == rule
     full_engine, full = engines.get("gguf", full_text=True)
     assert full_engine.early_exit is None and full["early_exit"] is None
-    assert _Engines({"early_exit": False}, rule).get("gguf")[0].early_exit is None
-    assert _Engines({}, None).get("gguf")[0].early_exit is None  # a detector without a prefix rule
+    assert Engines({"early_exit": False}, rule).get("gguf")[0].early_exit is None
+    assert Engines({}, None).get("gguf")[0].early_exit is None  # a detector without a prefix rule
     keyed = _cache_options(art, options)
     assert keyed == {"early_exit": True, "early_exit_rule": rule.digest}
     assert _cache_options(art, full) == {"early_exit": False}

@@ -79,7 +79,7 @@ def check_distinct(baseline: Artifact, candidate: Artifact) -> None:
     if baseline.digest == candidate.digest:
         raise BaselineError(
             f"{candidate.ref} has the baseline's own content digest ({baseline.digest[:16]}...): a model screened "
-            "against itself measures nothing and would pass", where=f"baseline {baseline.ref} / candidate "
+            "against itself (the same model twice) measures nothing and would pass", where=f"baseline {baseline.ref} / candidate "
             f"{candidate.ref}", fix="screen the quantized candidate against the full-precision model it was made from")
 
 
