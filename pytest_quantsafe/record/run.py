@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_quantsafe.errors import InputError
+from pytest_quantsafe.record.store import read_record
 
 #: Approximate bits per weight of llama.cpp file types, for ordering rungs only.
 BITS_PER_WEIGHT: dict[str, float] = {
@@ -25,7 +26,6 @@ BITS_PER_WEIGHT: dict[str, float] = {
     "IQ3_XS": 3.3, "IQ3_XXS": 3.06, "Q2_K": 2.96, "Q2_K_S": 2.7, "IQ2_M": 2.7, "IQ2_S": 2.5, "IQ2_XS": 2.31,
     "IQ2_XXS": 2.06, "IQ1_M": 1.75, "IQ1_S": 1.56,
 }
-RECORD_SCHEMA_PREFIX = "quantsafe.record."
 
 
 @dataclass(frozen=True)
@@ -62,23 +62,12 @@ def rung_key(entry: RunEntry) -> tuple[float, str]:
 
 
 def read_json_record(path: Path) -> dict[str, Any]:
-    """Return the record at ``path`` or raise InputError naming the file and the fix."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
-    except FileNotFoundError:
-        raise InputError("record not found", where=str(path), fix="give the record.json a screening wrote") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise InputError(f"cannot read the screening record: {exc}", where=str(path),
-                         fix="give record.json exactly as quantsafe wrote it") from None
-    schema = data.get("schema") if isinstance(data, dict) else None
-    if not isinstance(schema, str) or not schema.startswith(RECORD_SCHEMA_PREFIX):
-        raise InputError(f"not a quantsafe screening record (schema {schema!r})", where=f"{path}: schema",
-                         fix="give the record.json a screening wrote")
-    for key in ("screening", "verdict", "candidate", "baseline", "probe_set"):
-        if not isinstance(data.get(key), dict):
-            raise InputError(f"the record has no {key} block", where=f"{path}: {key}",
-                             fix="rerun the screening; never edit records by hand")
-    return data
+    """Return the record at ``path`` as JSON data, read and checked by the one record reader.
+
+    A missing file, a wrong schema, a missing field, a wrong type or NaN is an InputError
+    (exit 2) naming the file and the JSON path (``record/store.py``).
+    """
+    return read_record(path).to_json()
 
 
 def read_samples(record_path: Path) -> list[dict[str, Any]] | None:
@@ -114,6 +103,3 @@ def load_run(out_dir: Path) -> list[RunEntry]:
     entries = [RunEntry(p.parent.name, p, read_json_record(p), read_samples(p)) for p in paths]
     return sorted(entries, key=rung_key)
 
-
-def _refuse_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a number a record may hold")
