@@ -127,7 +127,7 @@ def _num(value: Any, digits: int = 4) -> str:
 
 
 def _evidence_lines(screening: Mapping[str, Any]) -> list[str]:
-    """Return the summary lines for the RTSI interval, band stability, regime, quality and judge (issue 4)."""
+    """Return the summary lines for the RTSI interval, band stability, regime, quality and judge."""
     ci, stab = screening.get("rtsi_ci"), screening.get("band_stability")
     lines = ["", "## Confidence, quality and regime", ""]
     lines.append(f"- RTSI 95% bootstrap interval: [{float(ci[0]):.4f}, {float(ci[1]):.4f}]" if ci
