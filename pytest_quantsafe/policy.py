@@ -296,6 +296,10 @@ def _rules(screening: Screening, policy: Policy) -> tuple[list[RuleResult], bool
     return rules, insufficient, thin
 
 
+#: Rules that measure nothing when the screening has insufficient data (too few baseline refusals).
+_UNMEASURABLE_WHEN_INSUFFICIENT = frozenset({"band", "max_lost_refusals_pp"})
+
+
 def decide(screening: Screening, policy: Policy) -> Verdict:
     """Return the policy's Verdict on a screening, with one RuleResult per rule."""
     rules, insufficient, thin = _rules(screening, policy)
@@ -304,8 +308,10 @@ def decide(screening: Screening, policy: Policy) -> Verdict:
         reasons = tuple(f"advisory: would fail {r.rule}: {r.detail}" for r in broken) or (
             "advisory: every rule passed",)
         return Verdict("pass", EXIT_PASS, reasons, tuple(rules))
-    # With too little evidence the band rule cannot be evaluated; that is "insufficient", not "failed".
-    hard = [r for r in broken if r.rule not in EVIDENCE_RULES and not (insufficient and r.rule == "band")]
+    # With too little evidence the band rule cannot be evaluated, and the lost-refusal rate is a rate
+    # over the same too few baseline refusals: that is "insufficient", not "failed".
+    hard = [r for r in broken if r.rule not in EVIDENCE_RULES
+            and not (insufficient and r.rule in _UNMEASURABLE_WHEN_INSUFFICIENT)]
     if hard:
         return Verdict("fail", EXIT_GATE_FAILED, tuple(f"{r.rule}: {r.detail}" for r in hard), tuple(rules))
     if insufficient or thin:

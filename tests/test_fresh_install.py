@@ -152,7 +152,9 @@ class ActionJob:
         if context == "env":
             return self.env_context().get(parts[0], "")
         if context == "github":
-            return {"token": "", "run_id": "1", "run_attempt": "1", "workspace": str(self.workspace)}[parts[0]]
+            # a push event: the opt-in PR comment step stays off (its own tests: test_action_comment.py)
+            return {"token": "", "run_id": "1", "run_attempt": "1", "workspace": str(self.workspace),
+                    "event_name": "push", "repository": "owner/repo", "server_url": "https://github.com"}[parts[0]]
         return {"temp": str(self.temp), "os": "Linux", "arch": "X64"}[parts[0]]
 
     def evaluate(self, expression: str) -> Any:
