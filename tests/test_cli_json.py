@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -114,15 +113,12 @@ def test_card_attest_and_verify(tmp_path: Path, smollm2_gguf: Path) -> None:
 
 
 @pytest.mark.slow
-def test_screen_json_on_a_real_model(tmp_path: Path, smollm2_gguf: Path) -> None:
-    """A real screening (packaged SmolLM2 against a copy of itself, 6 probes, the machine cache)."""
+def test_screen_json_on_a_real_model(tmp_path: Path, smollm2_ladder: dict[str, Path]) -> None:
+    """A real screening (SmolLM2 F16 against its Q2_K rung, 6 probes, the machine cache)."""
     from pytest_quantsafe.engines.cache import default_root
 
-    copy = tmp_path / "models" / "SmolLM2-copy.Q4_1.gguf"
-    copy.parent.mkdir()
-    shutil.copyfile(smollm2_gguf, copy)
-    doc, proc = run_json("screen", "--baseline", str(smollm2_gguf), "--candidate", str(copy), "--max-probes", "6",
-                         "--policy", "advisory", "--out", str(tmp_path / "out"), "--threads", "1",
+    doc, proc = run_json("screen", "--baseline", str(smollm2_ladder["F16"]), "--candidate", str(smollm2_ladder["Q2_K"]),
+                         "--max-probes", "6", "--policy", "advisory", "--out", str(tmp_path / "out"), "--threads", "1",
                          "--no-progress", "--cache-dir", str(default_root()), timeout=900)
     [cand] = doc["result"]["candidates"]
     record = json.loads(Path(cand["record"]).read_text())
