@@ -118,7 +118,9 @@ def _finite_everywhere(value: Any, source: str, path: str) -> None:
 def encode(value: Any) -> Any:
     """Return a record value (dataclass, tuple, mapping, scalar) as plain JSON data."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: encode(getattr(value, f.name)) for f in json_fields(type(value))}
+        # a field marked omit_none is left out while None (a key only some records carry)
+        return {f.name: encode(getattr(value, f.name)) for f in json_fields(type(value))
+                if not (f.metadata.get("omit_none") and getattr(value, f.name) is None)}
     if isinstance(value, Mapping):
         return {str(k): encode(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -60,8 +60,12 @@ class ProbeSetInfo:
 
 @dataclass(frozen=True)
 class EngineInfo:
+    """The candidate's engine; a cross-engine pair (flag ``cross_engine``) also names the baseline's."""
+
     name: str
     version: str
+    baseline_name: str | None = field(default=None, metadata={"omit_none": True})
+    baseline_version: str | None = field(default=None, metadata={"omit_none": True})
 
 
 @dataclass(frozen=True)
