@@ -178,9 +178,14 @@ def build_record(
     return data
 
 
+#: Keys that say when and how a record was made, not what was measured: left out of the body digest,
+#: so a rerun that reads its completions from the cache has the body of the run that generated them.
+RUN_KEYS = frozenset({"created", "cache"})
+
+
 def body_digest(record: Mapping[str, Any]) -> str:
-    """Return the SHA-256 of the record's canonical JSON without ``created``."""
-    body = {k: v for k, v in record.items() if k != "created"}
+    """Return the SHA-256 of the record's canonical JSON without ``created`` and ``cache`` (``RUN_KEYS``)."""
+    body = {k: v for k, v in record.items() if k not in RUN_KEYS}
     return sha256_hex(canonical_json(body))
 
 
