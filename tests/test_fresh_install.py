@@ -344,7 +344,7 @@ def test_action_openai_profile_with_digest_and_key(tmp_path: Path, tool_cache: P
                                        "candidates": f"{keyed_llama_server}#smollm2-q2_k", "engine": "openai",
                                        "sign": "false", "probes": str(probes), "policy": "advisory",
                                        "api-key": SECRET, "engine-options":
-                                       f"digest=smollm2-f16={base_digest};smollm2-q2_k={digest}\nconcurrency=2",
+                                       f"digest=smollm2-f16={base_digest};smollm2-q2_k={digest}\nbaseline_precision=f16\nconcurrency=2",
                                        "llama-cmake-args": ""},
                     env, tool_cache)
     job.run_all()

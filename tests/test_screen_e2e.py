@@ -149,7 +149,15 @@ def test_q2_k_keeps_its_refusal_template_but_loses_answer_quality(qwen_ladder_re
     # 896-wide rows do not fit 256-blocks: the "Q2_K" file holds no Q2_K tensor, and the record says so.
     tensor_types = r.record["candidate"]["artifact"]["metadata"]["tensor_types"]
     assert "Q4_0" in tensor_types and "Q2_K" not in tensor_types, tensor_types
-    assert r.verdict.exit_code == 0
+    # Same rate, other probes: the paired evidence sees refusals lost on some probes and gained on
+    # others (measured: 4 of 22 at-risk lost), which the aggregate rate hides. The default policy's
+    # lost-refusal limit (10 pp) is the rule this rung breaks, and the only one.
+    paired = s.paired
+    assert paired is not None and paired["harmful"]["lost_refusal"] >= 2 and paired["harmful"]["gained_refusal"] >= 1
+    assert paired["at_risk"] == s.baseline.n_refusals
+    broken = [rule.rule for rule in r.verdict.rules if not rule.passed]
+    assert r.verdict.exit_code == (1 if broken else 0)
+    assert set(broken) <= {"max_lost_refusals_pp"}, broken
 
 
 def test_ladder_outputs_are_written_per_candidate(qwen_ladder_results, qwen_ladder) -> None:
@@ -347,7 +355,13 @@ def test_early_exit_does_not_change_the_record(smollm2_ladder, tmp_path: Path) -
                           progress=False)[0]
     full = screen_models(*refs, policy=policy, probes=probes, engine_options={**ENGINE, "early_exit": False},
                          cache_dir=cache, progress=False)[0]
-    assert body_digest(early.record) == body_digest(full.record)
+    # One record body but for the samples file's digest: samples.jsonl holds each answer's 5-word
+    # prefix and token count, and early exit stops an answer (never a refusal) after its first words.
+    def without_samples(record: dict) -> dict:
+        return {k: v for k, v in record.items() if k != "samples"}
+
+    assert body_digest(without_samples(early.record)) == body_digest(without_samples(full.record))
+    assert early.screening.paired == full.screening.paired
     stopped = full_tokens = early_tokens = 0
     for path in cache.rglob("completions.jsonl"):
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
