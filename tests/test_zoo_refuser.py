@@ -112,6 +112,56 @@ def test_refuser_rungs_are_cached_under_one_key_per_rung():
         zoo.variant_path("refuser", "Q1_S")
 
 
+def test_the_smoke_recipe_is_keyed_apart_and_an_unknown_recipe_is_named(monkeypatch):
+    full = zoo.variant_path("refuser", "F16")
+    monkeypatch.setenv(zoo_refuser.RECIPE_ENV, "smoke")
+    assert zoo_refuser.active_recipe() == ("smoke", zoo_refuser.RECIPES["smoke"])
+    assert zoo_refuser.RECIPES["smoke"].max_steps == 3
+    assert zoo.variant_path("refuser", "F16") != full  # a smoke model never stands in for the real fixture
+    monkeypatch.setenv(zoo_refuser.RECIPE_ENV, "quick")
+    with pytest.raises(InputError) as info:
+        zoo_refuser.active_recipe()
+    assert info.value.where == zoo_refuser.RECIPE_ENV and "full, smoke" in info.value.fix
+    monkeypatch.delenv(zoo_refuser.RECIPE_ENV)
+    assert zoo.variant_path("refuser", "F16") == full
+
+
+def test_epoch_order_sorts_by_length_inside_windows_only():
+    data = [([0] * n, []) for n in (5, 1, 9, 3, 7, 2)]
+    shuffled = [4, 0, 1, 5, 3, 2]
+    assert zoo_refuser.epoch_order(shuffled, data, 0) == shuffled
+    assert zoo_refuser.epoch_order(shuffled, data, 3) == [4, 0, 1, 2, 3, 5]
+    assert sorted(zoo_refuser.epoch_order(shuffled, data, 4)) == sorted(shuffled)
+
+
+@pytest.mark.slow
+def test_answer_loss_is_the_models_own_loss_on_the_answer_tokens(smollm2_hf, rows):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_hf))
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_hf), dtype=torch.float32)
+    picked = [next(r for r in rows if r.kind == kind) for kind in ("harmful", "benign")]
+    encoded = zoo_refuser.encode_rows(tokenizer, picked, 160)
+    width = max(len(ids) for ids, _ in encoded)
+    ids = torch.zeros((2, width), dtype=torch.long)
+    labels = torch.full((2, width), -100, dtype=torch.long)
+    attention = torch.zeros((2, width), dtype=torch.long)
+    for i, (row_ids, row_labels) in enumerate(encoded):
+        ids[i, :len(row_ids)], labels[i, :len(row_labels)], attention[i, :len(row_ids)] = (
+            torch.tensor(row_ids), torch.tensor(row_labels), 1)
+    with torch.no_grad():
+        ours = zoo_refuser.answer_loss(model, ids, attention, labels)
+        theirs = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-5)
+    frozen = zoo_refuser.freeze(model, zoo_refuser.RECIPE)
+    layers = model.get_decoder().layers
+    assert not model.get_input_embeddings().weight.requires_grad
+    assert all(not p.requires_grad for p in layers[zoo_refuser.RECIPE.frozen_layers - 1].parameters())
+    assert all(p.requires_grad for p in layers[zoo_refuser.RECIPE.frozen_layers].parameters())
+    assert len(frozen) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
 def test_export_rejects_a_checkpoint_of_another_shape(tmp_path, smollm2_ladder):
     import torch
 
