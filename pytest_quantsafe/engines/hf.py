@@ -35,8 +35,13 @@ from typing import Any
 
 from pytest_quantsafe._util import MODEL_CONFIG, file_sha256, model_folder_files, safe_path
 from pytest_quantsafe.engines.base import OnResult
-from pytest_quantsafe.engines.hf_quant import (loaded_kernel, missing_packages, quantization_details,
-                                               quantization_label)
+from pytest_quantsafe.engines.hf_quant import (
+    load_failure,
+    loaded_kernel,
+    missing_packages,
+    quantization_details,
+    quantization_label,
+)
 from pytest_quantsafe.engines.hf_quant import version_of as _version
 from pytest_quantsafe.errors import EngineError, ModelLoadError, UsageError
 from pytest_quantsafe.types import Artifact, ArtifactFile, Completion, GenerationConfig, Probe, sha256_hex
@@ -202,14 +207,8 @@ class HFEngine:
             tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=self._torch_dtype(torch, device),
                                                          device_map=device, **kwargs)
-        except Exception as exc:  # noqa: BLE001  # a quantizer's own exception types vary: one answer
-            first_line = (str(exc).strip().splitlines() or [""])[0][:400]
-            raise ModelLoadError(
-                f"transformers cannot load the {artifact.quantization} checkpoint on {device}: "
-                f"{type(exc).__name__}: {first_line}", where=artifact.ref,
-                fix="this format needs a package or kernel this machine lacks (named above); install it, "
-                    "use a GPU runner, or screen a format this machine loads (GGUF, bitsandbytes, "
-                    "compressed-tensors GPTQ)") from exc
+        except Exception as exc:  # a quantizer's own exception types vary: one answer
+            raise load_failure(artifact, device, exc) from exc
         model.eval()
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -14,6 +14,9 @@ import importlib.util
 from importlib import metadata
 from typing import Any
 
+from pytest_quantsafe.errors import ModelLoadError
+from pytest_quantsafe.types import Artifact
+
 #: quant_method in config.json -> the (import name, pip name) pairs transformers needs to load it
 #: (transformers 5.x loads AWQ through gptqmodel; GPTQ through optimum + gptqmodel).
 QUANT_PACKAGES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -143,3 +146,28 @@ def loaded_kernel(model: Any, device: str) -> str | None:
     if not kernels:
         return None
     return f"{','.join(sorted(kernels))} on {device}"
+
+
+def load_failure(artifact: Artifact, device: str, exc: BaseException) -> ModelLoadError:
+    """Return the one-paragraph error for a checkpoint transformers could not load here (exit 2).
+
+    Names the format (method, packing format, bits, group size), the device and the
+    packages that hold its kernels with their versions, and the loader's first line, so a
+    format without a kernel on this machine (say GPTQ in Marlin packing on a CPU) reads as
+    that, never as a traceback.
+    """
+    meta = artifact.metadata
+    method = meta.get("quant_method")
+    form = ", ".join(f"{label} {meta[key]}" for key, label in
+                     (("quant_format", "format"), ("quant_bits", "bits"), ("quant_group_size", "group size"))
+                     if meta.get(key))
+    kernels = [f"{pip} {version_of(pip)}" for _, pip in QUANT_PACKAGES.get(method or "", ())]
+    reason = (str(exc).strip().splitlines() or [""])[0][:300]
+    what = f"the {artifact.quantization} checkpoint" + (f" ({form})" if form else "")
+    via = f" through {', '.join(kernels)}" if kernels else ""
+    return ModelLoadError(
+        f"transformers cannot load {what} on {device}{via}: {type(exc).__name__}: {reason}"
+        , where=artifact.ref,
+        fix="this format needs a kernel or package this machine lacks; use a runner that has it (a GPU for "
+            "Marlin/ExLlama packings), or screen a format that loads here (GGUF, bitsandbytes, torchao, GPTQ in "
+            "gptq packing, AWQ in gemm packing)")

@@ -7,7 +7,15 @@ import logging
 import sys
 
 from pytest_quantsafe.errors import QuantSafeError
-from pytest_quantsafe.zoo import HF_QUANTS, MODELS, PROFILES, QUANT_FTYPES, VARIANT_PROFILES, build_variant, fetch
+from pytest_quantsafe.zoo import (
+    HF_QUANTS,
+    MODELS,
+    PROFILES,
+    QUANT_FTYPES,
+    VARIANT_PROFILES,
+    build_variant,
+    fetch,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,7 @@ def quantize(job: dict[str, Any]) -> dict[str, Any]:
 
     torch.manual_seed(int(job["seed"]))
     torch.set_num_threads(int(job["threads"]))
-    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(job["source"])
@@ -45,9 +45,9 @@ def quantize(job: dict[str, Any]) -> dict[str, Any]:
                             offload_to_disk=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.monotonic()
-    model = GPTQModel.load(job["source"], config, device=device, dtype=torch.float32)
+    model = GPTQModel.load(job["source"], config, device=device, dtype=getattr(torch, job["dtype"]))
     loaded = time.monotonic()
-    model.quantize(texts, batch_size=int(job["batch_size"]), tokenizer=tokenizer)
+    model.quantize(texts, batch_size=int(job["batch_size"]), tokenizer=tokenizer, backend=BACKEND(job["backend"]))
     quantized = time.monotonic()
     model.save(job["out"])
     tokenizer.save_pretrained(job["out"])

@@ -66,6 +66,11 @@ class QuantRecipe:
     group_size: int = 64
     sym: bool = True
     desc_act: bool = False
+    #: gptqmodel's kernel for packing (``BACKEND``): "auto", or "awq_torch" where the default AWQ
+    #: packer (AwqGEMMLinear) needs its CUDA extension.
+    backend: str = "auto"
+    #: The dtype the source is loaded in for calibration.
+    dtype: str = "float32"
     batch_size: int = 1
     seed: int = 0
     threads: int = 2
@@ -74,7 +79,7 @@ class QuantRecipe:
 #: The zoo's quantizations of an HF checkpoint, by the name ``build_variant`` takes.
 RECIPES: dict[str, QuantRecipe] = {
     "GPTQ-W4": QuantRecipe(method="gptq", format="gptq"),
-    "AWQ-W4": QuantRecipe(method="awq", format="gemm", sym=False),
+    "AWQ-W4": QuantRecipe(method="awq", format="gemm", sym=False, backend="awq_torch", dtype="float16"),
 }
 
 
