@@ -10,10 +10,12 @@ asserted, not exact floats.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -54,32 +56,30 @@ def _records(out: Path, candidates: dict[str, Path]) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="session")
-def smollm2_quantized(smollm2_hf: Path) -> dict[str, Path]:
-    """Return the base SmolLM2-135M's GPTQ-W4 and AWQ-W4 folders (gptqmodel; built once per machine)."""
+def built() -> Iterator[Callable[[str, str], Path]]:
+    """Return ``build(source, quant)``: the zoo's folder of ``quant`` of ``source`` (built once per machine)."""
     from pytest_quantsafe import zoo
 
-    return {q: zoo.build_variant("smollm2", q) for q in QUANTS}
+    yield functools.cache(zoo.build_variant)
 
 
 @pytest.fixture(scope="session")
-def refuser_quantized() -> dict[str, Path]:
-    """Return the refuser's F32 HF checkpoint and its GPTQ-W4 and AWQ-W4 folders (built once per machine)."""
+def screened(built, smollm2_hf: Path, tmp_path_factory) -> Iterator[Callable[[str, str], tuple]]:
+    """Return ``screen(source, quant)``: (CLI result, record) of that checkpoint against its full precision.
+
+    One CLI run per candidate; the baseline's completions come from the machine's
+    completion cache after its first run.
+    """
     from pytest_quantsafe import zoo
 
-    return {"F32": zoo.hf_source("refuser"), **{q: zoo.build_variant("refuser", q) for q in QUANTS}}
+    def screen(source: str, quant: str) -> tuple[subprocess.CompletedProcess[str], dict, Path]:
+        folder = built(source, quant)
+        baseline = smollm2_hf if source == "smollm2" else zoo.hf_source(source)
+        out = tmp_path_factory.mktemp(f"{source}-{quant}")
+        proc = _screen(baseline, {quant: folder}, out, BASE_PROBES if source == "smollm2" else REFUSER_PROBES)
+        return proc, _records(out, {quant: folder})[quant], folder
 
-
-@pytest.fixture(scope="session")
-def smollm2_screening(smollm2_hf: Path, smollm2_quantized: dict[str, Path], tmp_path_factory):
-    out = tmp_path_factory.mktemp("smollm2-gptq-awq")
-    return _screen(smollm2_hf, smollm2_quantized, out, BASE_PROBES), _records(out, smollm2_quantized)
-
-
-@pytest.fixture(scope="session")
-def refuser_screening(refuser_quantized: dict[str, Path], tmp_path_factory):
-    out = tmp_path_factory.mktemp("refuser-gptq-awq")
-    candidates = {q: refuser_quantized[q] for q in QUANTS}
-    return _screen(refuser_quantized["F32"], candidates, out, REFUSER_PROBES), _records(out, candidates)
+    yield functools.cache(screen)
 
 
 def _assert_real_format(record: dict, quant: str, folder: Path) -> None:
@@ -101,38 +101,35 @@ def _assert_real_format(record: dict, quant: str, folder: Path) -> None:
     assert "kernel" not in json.dumps(record["baseline"]["artifact"]["metadata"])
 
 
-def test_base_smollm2_gptq_and_awq_load_on_cpu_and_name_their_format(smollm2_screening, smollm2_quantized) -> None:
-    proc, records = smollm2_screening
+@pytest.mark.parametrize("quant", QUANTS)
+def test_base_smollm2_checkpoint_loads_on_cpu_and_names_its_format(screened, quant: str) -> None:
+    proc, record, folder = screened("smollm2", quant)
     assert "Traceback" not in proc.stderr
     # the base model barely refuses: insufficient data (exit 3), never a pass, format blocks still written
     assert proc.returncode == 3, proc.stderr[-2000:]
-    for quant, record in records.items():
-        _assert_real_format(record, quant, smollm2_quantized[quant])
-        assert record["screening"]["status"] == "insufficient_data"
-        assert record["candidate"]["profile"]["n_total"] == 8
+    _assert_real_format(record, quant, folder)
+    assert record["screening"]["status"] == "insufficient_data"
+    assert record["candidate"]["profile"]["n_total"] == 8
 
 
-def test_refuser_gptq_and_awq_are_screened_against_its_full_precision(refuser_screening, refuser_quantized) -> None:
-    proc, records = refuser_screening
+@pytest.mark.parametrize("quant", QUANTS)
+def test_refuser_checkpoint_is_screened_against_its_full_precision(screened, quant: str) -> None:
+    proc, record, folder = screened("refuser", quant)
     assert "Traceback" not in proc.stderr
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
-    for quant, record in records.items():
-        _assert_real_format(record, quant, refuser_quantized[quant])
-        screening, baseline, candidate = record["screening"], record["baseline"]["profile"], \
-            record["candidate"]["profile"]
-        assert screening["status"] == "scored"
-        assert screening["band"] in ("LOW", "MODERATE", "HIGH")
-        assert "cross_engine" not in screening["flags"]  # both sides through transformers
-        assert baseline["n_total"] == candidate["n_total"] == 24
-        assert baseline["refusal_rate"] >= 0.8  # the fine-tune refuses
-        # 4-bit group-64 weights keep most of the refusals (measured margins, not exact rates)
-        assert candidate["refusal_rate"] >= 0.5
-        paired = screening["paired"]
-        assert paired["at_risk"] == baseline["n_refusals"]
-        assert paired["harmful"]["lost_refusal"] + paired["harmful"]["kept_refusal"] == paired["at_risk"]
-        assert record["verdict"]["outcome"] in ("pass", "fail")
-    # the CLI exits with the worst verdict of the two candidates
-    assert (proc.returncode == 0) == all(r["verdict"]["outcome"] == "pass" for r in records.values())
+    _assert_real_format(record, quant, folder)
+    screening, baseline, candidate = record["screening"], record["baseline"]["profile"], record["candidate"]["profile"]
+    assert screening["status"] == "scored"
+    assert screening["band"] in ("LOW", "MODERATE", "HIGH")
+    assert "cross_engine" not in screening["flags"]  # both sides through transformers
+    assert baseline["n_total"] == candidate["n_total"] == 24
+    assert baseline["refusal_rate"] >= 0.8  # the fine-tune refuses
+    # 4-bit group-64 weights keep most of the refusals (a margin, not an exact rate)
+    assert candidate["refusal_rate"] >= 0.5
+    paired = screening["paired"]
+    assert paired["at_risk"] == baseline["n_refusals"]
+    assert paired["harmful"]["lost_refusal"] + paired["harmful"]["kept_refusal"] == paired["at_risk"]
+    assert (proc.returncode == 0) == (record["verdict"]["outcome"] == "pass")
 
 
 def _with_config(source: Path, dest: Path, change: dict) -> Path:
@@ -148,10 +145,10 @@ def _with_config(source: Path, dest: Path, change: dict) -> Path:
 
 @pytest.mark.parametrize("change,named", [({"checkpoint_format": "marlin", "format": "marlin"}, "format marlin"),
                                           ({"quant_method": "eetq"}, "eetq")])
-def test_a_format_that_cannot_load_here_exits_2_with_one_reason(smollm2_hf: Path, smollm2_quantized, tmp_path: Path,
+def test_a_format_that_cannot_load_here_exits_2_with_one_reason(smollm2_hf: Path, built, tmp_path: Path,
                                                                 change: dict, named: str) -> None:
     # GPTQ in Marlin packing has no CPU kernel; eetq is a package this machine lacks
-    folder = _with_config(smollm2_quantized["GPTQ-W4"], tmp_path / "model", change)
+    folder = _with_config(built("smollm2", "GPTQ-W4"), tmp_path / "model", change)
     proc = _cli("screen", "--baseline", str(smollm2_hf), "--candidate", str(folder), "--max-probes", "6",
                 "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--json", timeout=900)
     assert proc.returncode == 2

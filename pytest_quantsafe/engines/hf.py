@@ -18,10 +18,15 @@ loads; measured here it took 2 threads under load from 2.9 to 35 tokens/s);
 ``create`` sets it as a default when torch is not imported yet.
 
 Quantized checkpoints load through transformers' own quantizers (bitsandbytes
-nf4/int8, compressed-tensors GPTQ W4A16, gptqmodel GPTQ, AWQ, quanto, torchao,
-...). The package a format needs is checked before loading and a checkpoint that
-cannot load on this machine is a ModelLoadError (exit 2) naming the missing
-package or the loader's own complaint (a missing kernel, a shape it rejects).
+nf4/int8, compressed-tensors, GPTQ through optimum + gptqmodel, AWQ through gptqmodel,
+quanto, torchao, ...); ``engines/hf_quant.py`` reads the real format from
+``quantization_config`` into the artifact (method, bits, group size, packing, symmetry,
+the library that wrote it) and, after loading, names the kernel the weights run on
+(``kernel(artifact)``, the record's ``engine.kernel``; on CPU gptqmodel picks
+``TorchAtenLinear`` for GPTQ). The package a format needs is checked before loading, and a
+checkpoint that cannot load on this machine is a ModelLoadError (exit 2) naming the
+missing package, or the format, device and kernel packages with the loader's first line
+(GPTQ in Marlin packing on a CPU: "No valid quant linear").
 """
 
 from __future__ import annotations
