@@ -209,7 +209,8 @@ def build(source: Path, quant: str, label: str) -> Path:
         # gptqmodel's progress goes to a log beside the job (``tail -f`` it during a long build)
         with open(tmp / "quantize.log", "w", encoding="utf-8") as progress:
             proc = subprocess.run([str(python), str(_WORKER), str(tmp / "job.json"), str(tmp / "result.json")],
-                                  env=env, stdout=progress, stderr=subprocess.STDOUT, check=False)
+                                  env=env, stdout=progress, stderr=subprocess.STDOUT, check=False,
+                                  cwd=tmp)  # gptqmodel writes logs/<method>_log_*.log into its cwd
         try:
             result = json.loads((tmp / "result.json").read_text())
         except (OSError, ValueError):
