@@ -248,9 +248,13 @@ def screen_models(
                                     progress=progress, label=f"candidate {output_name(side.artifact)}")
             labelled = refusal.label(completions, detector)
             profile = features.build_profile(labelled, detector.name)
-            engine_id = engines.get(side.engine_name)[0].engine_id()
+            backend = engines.get(side.engine_name)[0]
+            engine_id = backend.engine_id()
             base_engine_id = engines.get(base_side.engine_name)[0].engine_id()
             engine_info = engine_block(engine_id)
+            kernel = backend.kernel(side.artifact) if hasattr(backend, "kernel") else None
+            if kernel:  # a quantized HF checkpoint: the modules its weights ran on (engines/hf_quant.py)
+                engine_info["kernel"] = kernel
             side_flags = list(pair_flags)
             if base_engine_id != engine_id:
                 # Two engines (or builds) differ in kernels and rounding: the drift mixes engine and quantization.

@@ -18,83 +18,40 @@ loads; measured here it took 2 threads under load from 2.9 to 35 tokens/s);
 ``create`` sets it as a default when torch is not imported yet.
 
 Quantized checkpoints load through transformers' own quantizers (bitsandbytes
-nf4/int8, compressed-tensors GPTQ W4A16, gptqmodel GPTQ, AWQ, quanto, torchao,
-...). The package a format needs is checked before loading and a checkpoint that
-cannot load on this machine is a ModelLoadError (exit 2) naming the missing
-package or the loader's own complaint (a missing kernel, a shape it rejects).
+nf4/int8, compressed-tensors, GPTQ through optimum + gptqmodel, AWQ through gptqmodel,
+quanto, torchao, ...); ``engines/hf_quant.py`` reads the real format from
+``quantization_config`` into the artifact (method, bits, group size, packing, symmetry,
+the library that wrote it) and, after loading, names the kernel the weights run on
+(``kernel(artifact)``, the record's ``engine.kernel``; on CPU gptqmodel picks
+``TorchAtenLinear`` for GPTQ). The package a format needs is checked before loading, and a
+checkpoint that cannot load on this machine is a ModelLoadError (exit 2) naming the
+missing package, or the format, device and kernel packages with the loader's first line
+(GPTQ in Marlin packing on a CPU: "No valid quant linear").
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from pytest_quantsafe._util import MODEL_CONFIG, file_sha256, model_folder_files, safe_path
 from pytest_quantsafe.engines.base import OnResult
+from pytest_quantsafe.engines.hf_quant import (
+    load_failure,
+    loaded_kernel,
+    missing_packages,
+    quantization_details,
+    quantization_label,
+)
+from pytest_quantsafe.engines.hf_quant import version_of as _version
 from pytest_quantsafe.errors import EngineError, ModelLoadError, UsageError
 from pytest_quantsafe.types import Artifact, ArtifactFile, Completion, GenerationConfig, Probe, sha256_hex
 
-#: quant_method in config.json -> the (import name, pip name) pairs transformers needs to load it
-#: (transformers 5.x loads AWQ through gptqmodel; GPTQ through optimum + gptqmodel).
-QUANT_PACKAGES: dict[str, tuple[tuple[str, str], ...]] = {
-    "bitsandbytes": (("bitsandbytes", "bitsandbytes"),),
-    "compressed-tensors": (("compressed_tensors", "compressed-tensors"),),
-    "gptq": (("optimum", "optimum"), ("gptqmodel", "gptqmodel")),
-    "awq": (("gptqmodel", "gptqmodel"),),
-    "quanto": (("optimum.quanto", "optimum-quanto"),),
-    "torchao": (("torchao", "torchao"),),
-    "hqq": (("hqq", "hqq"),),
-    "eetq": (("eetq", "eetq"),),
-    "higgs": (("flute", "flute-kernel"),),
-    "vptq": (("vptq", "vptq"),),
-    "aqlm": (("aqlm", "aqlm"),),
-}
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "absent"
-
-
-def _importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # a parent package is missing
-        return False
-
-
-def quantization_label(config: dict[str, Any]) -> str:
-    """Return a short name of a checkpoint's quantization from its config.json (dtype when unquantized)."""
-    q = config.get("quantization_config") or {}
-    method = str(q.get("quant_method", "")).lower()
-    if not method:
-        return str(config.get("torch_dtype") or config.get("dtype") or "unknown")
-    if method == "bitsandbytes":
-        if q.get("load_in_4bit") or q.get("_load_in_4bit"):
-            return f"bnb-{q.get('bnb_4bit_quant_type', 'fp4')}"
-        return "bnb-int8"
-    if method in ("gptq", "awq"):
-        return f"{method}-w{q.get('bits', '?')}"
-    if method == "compressed-tensors":
-        return f"compressed-tensors:{q.get('format', 'unknown')}"
-    if method == "quanto":
-        return f"quanto-{q.get('weights', '?')}"
-    if method == "torchao":
-        kind = q.get("quant_type")
-        if isinstance(kind, dict):  # {"default": {"_type": "Int8WeightOnlyConfig", ...}}
-            kind = (kind.get("default") or {}).get("_type", "unknown") if isinstance(kind.get("default"), dict) \
-                else kind.get("_type", "unknown")
-        return f"torchao:{kind}"
-    return method
 
 
 def _parse_hub_ref(ref: str) -> tuple[str, str | None]:
@@ -127,6 +84,7 @@ class HFEngine:
         #: A Jinja chat template file that replaces the tokenizer's (for checkpoints without one).
         self.chat_template = Path(chat_template).read_text() if chat_template else None
         self._loaded: tuple[str, Any, Any] | None = None  # (artifact digest, model, tokenizer)
+        self._kernel: tuple[str, str | None] | None = None  # (artifact digest, kernel)
 
     def engine_id(self) -> str:
         """Return "transformers/<version>+torch/<version>"."""
@@ -200,9 +158,7 @@ class HFEngine:
         arch = (config.get("architectures") or ["unknown"])[0] if config else "gguf"
         meta.update({"architecture": str(arch), "model_type": str(config.get("model_type", "unknown")),
                      "vocab_size": str(config.get("vocab_size", "unknown"))})
-        q = config.get("quantization_config") or {}
-        if q:
-            meta["quant_method"] = str(q.get("quant_method", "unknown"))
+        meta.update(quantization_details(config))
         template = folder / "chat_template.jinja"
         if self.chat_template is not None:
             meta["chat_template_sha256"] = sha256_hex(self.chat_template.encode("utf-8"))
@@ -234,7 +190,7 @@ class HFEngine:
             return self._loaded[1], self._loaded[2]
         self.close()
         method = artifact.metadata.get("quant_method")
-        missing = [pip for module, pip in QUANT_PACKAGES.get(method or "", ()) if not _importable(module)]
+        missing = missing_packages(method)
         if missing:
             raise ModelLoadError(f"the checkpoint is {method}-quantized and transformers needs the package(s) "
                                  f"{', '.join(missing)}, not installed here", where=artifact.ref,
@@ -256,13 +212,8 @@ class HFEngine:
             tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=self._torch_dtype(torch, device),
                                                          device_map=device, **kwargs)
-        except (ImportError, RuntimeError, ValueError, OSError, KeyError, TypeError, AttributeError) as exc:
-            raise ModelLoadError(
-                f"transformers cannot load {artifact.quantization} checkpoint on {device}: "
-                f"{type(exc).__name__}: {str(exc)[:400]}", where=artifact.ref,
-                fix="this format needs a package or kernel this machine lacks (named above); install it, "
-                    "use a GPU runner, or screen a format this machine loads (GGUF, bitsandbytes, "
-                    "compressed-tensors GPTQ)") from exc
+        except Exception as exc:  # a quantizer's own exception types vary: one answer
+            raise load_failure(artifact, device, exc) from exc
         model.eval()
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -273,7 +224,19 @@ class HFEngine:
             raise ModelLoadError("the tokenizer has no chat template", where=artifact.ref,
                                  fix="screen an instruction-tuned checkpoint that ships a chat template")
         self._loaded = (artifact.digest, model, tokenizer)
+        self._kernel = (artifact.digest, loaded_kernel(model, device) if method else None)
         return model, tokenizer
+
+    def kernel(self, artifact: Artifact) -> str | None:
+        """Return the quantization kernel ``artifact`` runs on here (``hf_quant.loaded_kernel``), None when dense.
+
+        The record's ``engine.kernel``; a quantized checkpoint whose completions all came
+        from the cache is loaded to find out."""
+        if not artifact.metadata.get("quant_method"):
+            return None
+        if self._kernel is None or self._kernel[0] != artifact.digest:
+            self._load(artifact)
+        return self._kernel[1] if self._kernel is not None else None
 
     # ------------------------------------------------------------------ generate
 

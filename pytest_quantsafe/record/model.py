@@ -66,6 +66,9 @@ class EngineInfo:
     version: str
     baseline_name: str | None = field(default=None, metadata={"omit_none": True})
     baseline_version: str | None = field(default=None, metadata={"omit_none": True})
+    #: The quantization kernel the candidate's weights ran on (a quantized HF checkpoint), e.g.
+    #: ``gptqmodel/7.6.0:TorchQuantLinear on cpu``; omitted for dense and GGUF models.
+    kernel: str | None = field(default=None, metadata={"omit_none": True})
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,15 @@ import logging
 import sys
 
 from pytest_quantsafe.errors import QuantSafeError
-from pytest_quantsafe.zoo import MODELS, PROFILES, QUANT_FTYPES, VARIANT_PROFILES, build_variant, fetch
+from pytest_quantsafe.zoo import (
+    HF_QUANTS,
+    MODELS,
+    PROFILES,
+    QUANT_FTYPES,
+    VARIANT_PROFILES,
+    build_variant,
+    fetch,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="build (or reuse) the quantization ladder of a profile, or one rung")
     b.add_argument("--profile", default="test", choices=sorted(VARIANT_PROFILES))
     b.add_argument("--source", help="one packaged model (name or qwen/smollm2) instead of the profile")
-    b.add_argument("--quant", choices=sorted(QUANT_FTYPES), help="the rung to build with --source")
+    b.add_argument("--quant", choices=sorted(QUANT_FTYPES) + sorted(HF_QUANTS),
+                   help="the rung to build with --source (GPTQ-W4 / AWQ-W4: an HF checkpoint folder)")
     p = sub.add_parser("path")
     p.add_argument("name", choices=sorted(MODELS))
     args = parser.parse_args(argv)

@@ -38,7 +38,8 @@ RECIPE_VERSION = "1"
 MARKER = "quantsafe-build.json"
 #: Quantized variants this module can produce, and the package each needs.
 VARIANTS: dict[str, str] = {"bnb-nf4": "bitsandbytes", "bnb-int8": "bitsandbytes", "torchao-int8": "torchao"}
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+#: Tokenizer and generation files copied next to a quantized checkpoint's weights.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                     "generation_config.json")
 
 
@@ -54,7 +55,8 @@ def _key(*parts: str) -> str:
     return sha256_hex(canonical_json(list(parts)))[:16]
 
 
-def _publish(tmp: Path, target: Path, build: dict[str, str]) -> Path:
+def publish(tmp: Path, target: Path, build: dict[str, str]) -> Path:
+    """Return ``target`` after writing the build marker into ``tmp`` and renaming it there (a racing build's copy wins)."""
     (tmp / MARKER).write_text(json.dumps(build, indent=2, sort_keys=True) + "\n")
     tmp.chmod(0o755)
     try:
@@ -112,7 +114,7 @@ def dequantized_checkpoint(name: str = "smollm2-135m-q4_1") -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return _publish(tmp, target, build)
+    return publish(tmp, target, build)
 
 
 def quantized_variant(source: Path, variant: str) -> Path:
@@ -148,13 +150,13 @@ def quantized_variant(source: Path, variant: str) -> Path:
         model = AutoModelForCausalLM.from_pretrained(str(source), quantization_config=qconfig, device_map="cpu",
                                                      dtype=torch.float32)
         model.save_pretrained(str(tmp))
-        for fname in _TOKENIZER_FILES:
+        for fname in TOKENIZER_FILES:
             if (source / fname).is_file() and not (tmp / fname).exists():
                 shutil.copy2(source / fname, tmp / fname)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return _publish(tmp, target, build)
+    return publish(tmp, target, build)
 
 
 def main(argv: list[str] | None = None) -> int:
