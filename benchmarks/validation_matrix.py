@@ -242,11 +242,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.monotonic() - started:7.0f} s, load {os.getloadavg()[0]:.1f}] {message}", flush=True)
 
     cells = [Cell(s, f, RECIPES[f][0], RECIPES[f][1]) for s in SOURCES for f in RECIPES]
+    # --cells runs in the order given (the most informative first when time is short); the report keeps
+    # the fixed order.
+    order = [tuple(c.split(":", 1)) for c in args.cells.split(",") if c] or \
+        [(c.source, c.fmt) for c in cells if (c.source, c.fmt) in chosen]
+    by_id = {(c.source, c.fmt): c for c in cells}
+    for key in order:
+        cell = by_id[key]  # type: ignore[index]
+        log(f"{cell.cell_id}: producing and screening")
+        run_cell(cell, args.out, args.threads, log)
     for cell in cells:
-        if (cell.source, cell.fmt) in chosen:
-            log(f"{cell.cell_id}: producing and screening")
-            run_cell(cell, args.out, args.threads, log)
-        else:
+        if cell.status == "pending":
             cell.status, cell.reason = "not run", "left out of this run (--cells / --sources / --formats)"
     with tempfile.TemporaryDirectory() as tmp:
         calibration = run_calibrate(delta_table(cells), Path(tmp))

@@ -123,7 +123,7 @@ def calibration_section(cal: Mapping[str, Any], csv_path: Path | None) -> list[s
                       f"{paper_score:.3f} {paper.bands.classify(paper_score)}",
                       f"{in_sample:.3f} {Bands().classify(in_sample)}",
                       f"{loo.scores[i]:.3f} {loo.bands[i]}"])
-    lines += _table(["cell", "refusal Δ", "fell ≥ 10 pp", "paper profile", "cpu-matrix (in-sample)",
+    lines += _table(["cell", "refusal Δ", "danger label", "paper profile", "cpu-matrix (in-sample)",
                      "LOOCV (held out)"], table)
     lines += ["", "Table 3 on these cells (matched LOW bucket, in-sample):", ""]
     lines += _table(["screen", "routed", "LOW bucket"],
@@ -151,7 +151,8 @@ def profile_text(cal: Mapping[str, Any], context: Mapping[str, Any], cells: Sequ
     prov["machine"] = context["machine_start"]
     prov["cells"] = screened
     baselines = {(c.source, c.engine) for c in cells if c.cell_id in screened}  # F16 and fp32 rows
-    prov["n_total_cells"] = len(screened) + len(baselines)
+    if screened:
+        prov["n_total_cells"] = len(screened) + len(baselines)
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
 
 
