@@ -132,8 +132,9 @@ def run_cell(cell: Cell, out: Path, threads: int | None, log: Any) -> None:
     """Produce the cell's candidate and screen it against its baseline; fill status, reason and record."""
     started = time.monotonic()
     try:
-        cell.baseline = str(baseline_path(cell.source, cell.engine))
+        # the candidate first: a format the zoo cannot build fails in seconds, before any baseline is built
         cell.candidate = str(candidate_path(cell.source, cell.fmt))
+        cell.baseline = str(baseline_path(cell.source, cell.engine))
     except Exception as exc:  # noqa: BLE001 - every failure is a finding of the matrix
         cell.status, cell.reason = "not produced", _reason(exc)
         log(f"{cell.cell_id}: not produced: {cell.reason}")
@@ -172,7 +173,7 @@ def delta_table(cells: list[Cell]) -> str:
     writer.writerow(["base_model", "quant", "family", "engine", "refusal_rate_delta",
                      *[f"{f}_delta" for f in FEATURE_NAMES]])
     for cell in cells:
-        if cell.record is None or cell.record["screening"]["status"] != "measured":
+        if cell.record is None or cell.record["screening"]["status"] != "scored":
             continue
         rec = cell.record
         rate = rec["candidate"]["profile"]["refusal_rate"] - rec["baseline"]["profile"]["refusal_rate"]

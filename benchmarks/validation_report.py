@@ -139,7 +139,7 @@ PROFILE_TMP: list[Path] = []
 def profile_text(cal: Mapping[str, Any], context: Mapping[str, Any], cells: Sequence[Any]) -> str:
     """Return the calibrate output with the run's provenance added (what, where, when, which cells)."""
     data = yaml.safe_load(cal["yaml"])
-    screened = [c.cell_id for c in cells if c.record is not None and c.record["screening"]["status"] == "measured"]
+    screened = [c.cell_id for c in cells if c.record is not None and c.record["screening"]["status"] == "scored"]
     data["description"] = ("RTSI weights and ranges refit on the CPU validation matrix (docs/validation.md): "
                            "SmolLM2-135M refuser and Qwen2.5-Coder-0.5B, GGUF k-quants and HF quantizers "
                            "against full precision on the default probes. Small n: a profile for this stack, "
