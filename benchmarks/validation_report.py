@@ -213,9 +213,9 @@ def finish(cells: Sequence[Any], cal: Mapping[str, Any], context: Mapping[str, A
         if write:
             doc = root / DOC
             doc.write_text(_splice(doc.read_text() if doc.is_file() else "", block))
-            (root / MATRIX_CSV).write_text(cal["csv"])
-            if ok:
+            if ok:  # the delta table is kept only with the profile fitted on it
+                (root / MATRIX_CSV).write_text(cal["csv"])
                 (root / PROFILE).write_text(profile.read_text())
-            print(f"wrote {DOC}, {MATRIX_CSV}" + (f", {PROFILE}" if ok else ""), file=sys.stderr)
+            print(f"wrote {DOC}" + (f", {MATRIX_CSV}, {PROFILE}" if ok else ""), file=sys.stderr)
         print(block)
     return 0 if ok else 1
