@@ -27,6 +27,26 @@ def test_variant_paths_are_keyed_by_source_rung_and_versions():
     assert ladder.variant_key("qwen", "Q2_K") == ladder.variant_key("qwen2.5-coder-0.5b-q4_k_m", "Q2_K")
 
 
+def test_hf_variant_of_a_build_subfolder_is_keyed_by_the_parent_build_record(tmp_path):
+    # The refuser keeps its checkpoint in <build>/hf-checkpoint/ and its build record in <build>/:
+    # two builds (other recipe or data) must give two variant keys, though the folder names agree.
+    import json
+
+    from pytest_quantsafe.zoo import hf as zoo_hf
+
+    records = []
+    for recipe in ("full", "smoke"):
+        build = tmp_path / recipe
+        (build / "hf-checkpoint").mkdir(parents=True)
+        (build / zoo_hf.MARKER).write_text(json.dumps({"recipe": recipe}))
+        records.append(zoo_hf._source_build(build / "hf-checkpoint"))
+    assert records == [{"recipe": "full"}, {"recipe": "smoke"}]
+    own = tmp_path / "full" / "hf-checkpoint" / zoo_hf.MARKER
+    own.write_text(json.dumps({"recipe": "own"}))  # a checkpoint's own record comes first
+    assert zoo_hf._source_build(own.parent) == {"recipe": "own"}
+    assert zoo_hf._source_build(tmp_path / "nowhere") == {}
+
+
 def test_unknown_source_or_rung_is_refused():
     with pytest.raises(ModelLoadError) as info:
         zoo.build_variant("llama-70b", "Q2_K")

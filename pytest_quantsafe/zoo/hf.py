@@ -117,16 +117,28 @@ def dequantized_checkpoint(name: str = "smollm2-135m-q4_1") -> Path:
     return publish(tmp, target, build)
 
 
-def quantized_variant(source: Path, variant: str) -> Path:
-    """Return the folder of ``variant`` ("bnb-nf4", "bnb-int8", "torchao-int8") quantized from checkpoint ``source``."""
+def _source_build(source: Path) -> dict[str, Any]:
+    # A checkpoint built here carries its build record, or sits in a build folder that does
+    # (the refuser's hf-checkpoint/); that record (source sha256, recipe, versions) keys the variant.
+    for marker in (source / MARKER, source.parent / MARKER):
+        if marker.is_file():
+            return dict(json.loads(marker.read_text()))
+    return {}
+
+
+def quantized_variant(source: Path, variant: str, *, stem: str | None = None) -> Path:
+    """Return the folder of ``variant`` ("bnb-nf4", "bnb-int8", "torchao-int8") quantized from checkpoint ``source``.
+
+    ``stem`` starts the folder's name (default: the source folder's name without its key).
+    """
     if variant not in VARIANTS:
         raise ModelLoadError(f"unknown HF variant {variant!r}", fix=f"choose one of {sorted(VARIANTS)}")
     package = VARIANTS[variant]
-    source_build = json.loads((source / MARKER).read_text()) if (source / MARKER).is_file() else {}
+    source_build = _source_build(source)
     build = {"source": source.name, "source_build": sha256_hex(canonical_json(source_build)),
              "variant": variant, "recipe": RECIPE_VERSION, "torch": library_version("torch"),
              "transformers": library_version("transformers"), package: library_version(package)}
-    target = hf_dir() / f"{source.name.rsplit('-', 1)[0]}-{variant}-{_key(*build.values())}"
+    target = hf_dir() / f"{stem or source.name.rsplit('-', 1)[0]}-{variant}-{_key(*build.values())}"
     if (target / MARKER).is_file():
         return target
     if build[package] == "absent":
