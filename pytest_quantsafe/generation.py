@@ -19,7 +19,7 @@ from pytest_quantsafe.engines.cache import CompletionCache
 from pytest_quantsafe.engines.options import option_table
 from pytest_quantsafe.engines.progress import GenerationProgress
 from pytest_quantsafe.errors import EngineError, PromptTooLongError, UsageError
-from pytest_quantsafe.types import Artifact, Completion, GenerationConfig, PrefixRule, ProbeSet
+from pytest_quantsafe.types import Artifact, Completion, GenerationConfig, PrefixRule, Probe, ProbeSet
 
 log = logging.getLogger("quantsafe.screen")
 
@@ -103,7 +103,8 @@ def engine_options_for(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     return chosen
 
 
-def _cache_options(artifact: Artifact, options: Mapping[str, Any]) -> dict[str, Any]:
+def _cache_options(artifact: Artifact, options: Mapping[str, Any], backend: Engine | None = None,
+                   config: GenerationConfig | None = None) -> dict[str, Any]:
     """Return what, besides the artifact's files, changes the completions (part of the cache key)."""
     rule = options.get(EARLY_EXIT_OPTION)
     keyed: dict[str, Any] = {EARLY_EXIT_OPTION: isinstance(rule, PrefixRule)}
@@ -114,7 +115,30 @@ def _cache_options(artifact: Artifact, options: Mapping[str, Any]) -> dict[str, 
     template = artifact.metadata.get("chat_template_sha256")
     if template:
         keyed["chat_template_sha256"] = template
+    # An engine whose numbers depend on the batch schedule names the schedule (engine.schedule).
+    schedule = getattr(backend, "schedule", None)
+    if schedule is not None and config is not None:
+        keyed["schedule"] = dict(schedule(config))
     return keyed
+
+
+def whole_units(members: Sequence[Probe], missing: Sequence[Probe], unit: int) -> list[Probe]:
+    """Return the probes to hand the engine: every consecutive group of ``unit`` members with a missing probe.
+
+    An engine that decodes fixed groups (``engine.batch_unit``) computes each probe's numbers
+    with its group's other probes, so a resumed run regenerates an unfinished group whole:
+    the group then has the neighbours it had in an uninterrupted run, and its texts are
+    the same byte for byte. The cached probes of such a group are generated again and discarded.
+    """
+    if unit <= 1 or not missing:
+        return list(missing)
+    wanted = {p.id for p in missing}
+    out: list[Probe] = []
+    for start in range(0, len(members), unit):
+        group = members[start:start + unit]
+        if any(p.id in wanted for p in group):
+            out.extend(group)
+    return out
 
 
 def complete_side(side: Side, probe_set: ProbeSet, config: GenerationConfig, cache: CompletionCache, engines: Engines, *,
@@ -131,18 +155,24 @@ def complete_side(side: Side, probe_set: ProbeSet, config: GenerationConfig, cac
         if members:
             backend, options = engines.get(side.engine_name, full_text=full_text)
             key = cache.key(side.artifact.digest, probe_set.digest, config, backend.engine_id(),
-                            _cache_options(side.artifact, options))
+                            _cache_options(side.artifact, options, backend, config))
             cached, missing = cache.lookup(key, members)
-            groups.append((backend, key, cached, missing))
+            unit = getattr(backend, "batch_unit", None)
+            todo = whole_units(members, missing, unit(config) if unit is not None else 1)
+            groups.append((backend, key, cached, missing, todo))
     done: dict[str, Completion] = {}
-    for _, _, cached, _ in groups:
+    for _, _, cached, _, _ in groups:
         done.update(cached)
     from_cache = len(done)
     with GenerationProgress(label, len(probe_set.items), cached=len(done), enabled=progress) as bar:
-        for backend, key, _, missing in groups:
+        for backend, key, _, missing, todo in groups:
             if not missing:
                 continue
             wanted = {p.id for p in missing}
+            if len(todo) > len(missing):
+                log.info("%s: %d cached completion(s) are generated again with their unfinished batch group "
+                         "(the group's numbers depend on all its probes) and discarded", label,
+                         len(todo) - len(missing))
 
             def on_result(completion: Completion, key: str = key, wanted: set[str] = wanted) -> None:
                 if completion.probe_id not in wanted or completion.probe_id in done:
@@ -152,7 +182,7 @@ def complete_side(side: Side, probe_set: ProbeSet, config: GenerationConfig, cac
                 bar.update(completion)
 
             try:
-                for completion in backend.generate(side.artifact, missing, config, on_result=on_result):
+                for completion in backend.generate(side.artifact, todo, config, on_result=on_result):
                     on_result(completion)  # a no-op for those the engine already reported
             except PromptTooLongError as exc:
                 # Only here is the probe file known: name it, with the probe id and the context size.

@@ -399,7 +399,8 @@ def test_no_cache_reads_nothing_but_still_writes(cache: CompletionCache, probes:
 
 @pytest.mark.slow
 def test_record_states_its_cache_provenance(tmp_path: Path, smollm2_gguf: Path) -> None:
-    """Real SmolLM2 generations: a cold run generates all, a warm one reads all, --no-cache reads none."""
+    """Real SmolLM2 generations: a cold run generates all, a warm one reads all, --no-cache reads none, and a
+    second candidate in the same run reads the baseline the first one generated."""
     from pytest_quantsafe import zoo
     from pytest_quantsafe.policy import load_policy
     from pytest_quantsafe.probes import load_probes, select
@@ -413,3 +414,15 @@ def test_record_states_its_cache_provenance(tmp_path: Path, smollm2_gguf: Path) 
     assert (runs[0]["generated"], runs[0]["baseline_from_cache"], runs[0]["candidate_from_cache"]) == (6, 0, 0)
     assert (runs[1]["generated"], runs[1]["baseline_from_cache"], runs[1]["candidate_from_cache"]) == (0, 3, 3)
     assert runs[2]["read"] is False and runs[2]["generated"] == 6
+    # Two candidates in one run: the baseline is generated once (3 + 3 + 3 completions written, not 12),
+    # and a second run of both generates nothing.
+    candidates = [str(smollm2_gguf), str(zoo.build_variant("smollm2", "Q2_K"))]
+
+    def written() -> int:
+        return sum(len(p.read_bytes().splitlines()) for p in (tmp_path / "two").rglob(COMPLETIONS_FILE))
+
+    for generated in (6, 0):
+        pair = screen_models(baseline, candidates, policy=load_policy("default"), probes=probes,
+                             cache_dir=tmp_path / "two", progress=False)
+        assert written() == 9
+        assert [result.record["cache"]["generated"] for result in pair] == [generated, generated]

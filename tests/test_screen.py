@@ -197,3 +197,35 @@ def test_early_exit_hands_the_detector_rule_to_the_engine_and_keys_the_cache_by_
     other = PatternDetector(openers=("I cannot",)).prefix_rule()
     assert _cache_options(art, {"early_exit": other})["early_exit_rule"] != keyed["early_exit_rule"]
     engines.close()
+
+
+def test_a_resumed_side_regenerates_unfinished_batch_groups_whole() -> None:
+    """The gguf engine decodes fixed groups of probes; a resume hands it every group with a missing probe, whole."""
+    from pytest_quantsafe.engines import llamacpp
+    from pytest_quantsafe.generation import _cache_options, whole_units
+    from pytest_quantsafe.probes import load_probes, select
+    from pytest_quantsafe.types import GenerationConfig
+
+    members = list(select(load_probes(), 10, 4).items)
+    ids = [p.id for p in members]
+    # Groups of 4: [0..3] [4..7] [8..11] [12, 13]; probes 5 and 13 missing -> groups 2 and 4 whole.
+    todo = whole_units(members, [members[5], members[13]], 4)
+    assert [p.id for p in todo] == ids[4:8] + ids[12:14]
+    assert whole_units(members, [members[5]], 1) == [members[5]]
+    assert whole_units(members, [], 4) == []
+    assert whole_units(members, members, 4) == members
+    engine = llamacpp.create()
+    config = GenerationConfig(batch_size=16)
+    assert engine.batch_unit(config) == llamacpp.GROUPS_PER_BATCH * 16
+    assert llamacpp.create(group_size=8).batch_unit(config) == 16  # never less than one batch
+    assert engine.batch_unit(GenerationConfig(batch_size=1)) == llamacpp.GROUPS_PER_BATCH
+    # The schedule decides the numbers, so it is part of the cache key; batch size alone is not a speed setting here.
+    art = Artifact(ref="m.gguf", format="gguf", files=(ArtifactFile("m.gguf", "a" * 64, 1),), quantization="Q4_K_M",
+                   name="m")
+    keyed = _cache_options(art, {"early_exit": None}, engine, config)
+    assert keyed["schedule"]["batch_size"] == 16 and keyed["schedule"]["group_size"] == engine.batch_unit(config)
+    assert _cache_options(art, {"early_exit": None}, engine, GenerationConfig(batch_size=8)) != keyed
+    from pytest_quantsafe.errors import UsageError
+
+    with pytest.raises(UsageError, match="group_size"):
+        llamacpp.create(group_size=0)

@@ -283,19 +283,24 @@ def _cached_lines(cache: Path) -> int:
                for p in cache.rglob("completions.jsonl"))
 
 
-def test_killed_screening_resumes_without_recomputing(smollm2_ladder, tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch_size", [1, None], ids=["batch-1", "default-batch"])
+def test_killed_screening_resumes_without_recomputing(smollm2_ladder, tmp_path: Path, batch_size: int | None) -> None:
     """SIGTERM mid-run, rerun: every finished completion is reused, none regenerated, same record.
 
     llama.cpp's floating point depends on which sequences share a batch (fixtures
-    README: batched and one-at-a-time texts differ on about a third of probes), and a
-    resumed run necessarily batches the remaining probes differently. One sequence per
-    batch (``generation.batch_size: 1``) takes batch shape out of the result, so the
-    resumed record can be compared byte for byte with an uninterrupted run.
+    README: batched and one-at-a-time texts differ on about a third of probes). The gguf
+    engine decodes fixed groups of probes in probe order, and a resumed run regenerates
+    an unfinished group whole (generation.whole_units), so with the default batch size as
+    with one sequence per batch the resumed record is byte for byte the uninterrupted one.
     """
     from pytest_quantsafe.record.build import body_digest
 
-    policy = _policy_with(tmp_path, generation={"max_new_tokens": 96, "seed": 0, "system_prompt": None,
-                                                "batch_size": 1})
+    generation = {"max_new_tokens": 96, "seed": 0, "system_prompt": None, "batch_size": batch_size or 16}
+    if batch_size is None:  # the default policy's own generation block
+        from pytest_quantsafe.policy import load_policy
+
+        assert load_policy("default").generation.batch_size == generation["batch_size"]
+    policy = _policy_with(tmp_path, generation=generation)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     total = 2 * SMOL_PROBES  # baseline and candidate
     cache = tmp_path / "cache"

@@ -18,8 +18,15 @@ no continuation can be a refusal under that rule; default None, off — the engi
 no refusal words, the caller passes its detector's rule), ``use_extra_bufts`` (default off: the AMX/repack
 buffers are where native builds segfault), ``flash_attn`` (default on),
 ``timeout_s`` (longest silence from the worker before it is declared hung),
-``share_prefix`` (default on: the prompt opening every probe shares — system prompt,
-role markers — is decoded once and its KV cache copied into each sequence).
+``share_prefix`` (default on: the prompt opening every probe of a group shares — system
+prompt, role markers — is decoded once and its KV cells shared by each sequence),
+``group_size`` (default ``GROUPS_PER_BATCH`` x ``batch_size``: probes are decoded in fixed
+consecutive groups of this many, each from an empty KV cache, refilling freed slots within
+the group; ``_decode``).
+
+The numbers of a batched sequence depend on its batch neighbours, so the schedule is a pure
+function of the probes: ``batch_unit`` tells the generation stage to resume whole groups,
+and ``schedule`` names the schedule in the cache key.
 """
 
 from __future__ import annotations
@@ -53,6 +60,12 @@ __all__ = ["GGUFInfo", "LlamaCppEngine", "create", "default_threads", "file_type
 #: End-of-turn markers of common chat templates; those present in a template stop generation
 #: even when the model spells them out as plain text instead of one special token.
 END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+#: Names the decoding schedule (fixed groups in probe order, one KV stream, refill within a
+#: group; ``_decode``); part of the cache key, so completions of another schedule are not reused.
+SCHEDULE = "groups.v1"
+#: Default group size in batches: a group of this many times ``batch_size`` probes refills
+#: freed slots until its last probes, so the batch stays full for most of its steps.
+GROUPS_PER_BATCH = 4
 
 
 def default_threads() -> int:
@@ -110,7 +123,8 @@ class LlamaCppEngine:
     def __init__(self, *, threads: int | None = None, n_gpu_layers: int | None = None,
                  chat_template: str | None = None, early_exit: PrefixRule | Mapping[str, Any] | None = None,
                  use_extra_bufts: bool = False,
-                 flash_attn: bool = True, timeout_s: float = 900.0, share_prefix: bool = True) -> None:
+                 flash_attn: bool = True, timeout_s: float = 900.0, share_prefix: bool = True,
+                 group_size: int | None = None) -> None:
         self.threads = int(threads) if threads else default_threads()
         self.n_gpu_layers = n_gpu_layers
         self.chat_template_option, self.chat_template_where = _load_template_option(chat_template)
@@ -119,6 +133,10 @@ class LlamaCppEngine:
         self.flash_attn = bool(flash_attn)
         self.timeout_s = float(timeout_s)
         self.share_prefix = bool(share_prefix)
+        if group_size is not None and int(group_size) < 1:
+            raise UsageError(f"engine option group_size must be at least 1, got {group_size}",
+                             where="engine option group_size", fix="drop it (default: GROUPS_PER_BATCH x batch_size)")
+        self.group_size = int(group_size) if group_size else None
         self._infos: dict[str, GGUFInfo] = {}
         self._digests: dict[tuple[str, int, int], str] = {}
         self._worker: WorkerClient | None = None
@@ -128,6 +146,21 @@ class LlamaCppEngine:
     def engine_id(self) -> str:
         """Return "llama.cpp/<llama-cpp-python version>+<build digest>" (``llama_cpp_build``)."""
         return f"llama.cpp/{llama_cpp_version()}+{llama_cpp_build()}"
+
+    def batch_unit(self, config: GenerationConfig) -> int:
+        """Return how many consecutive probes are decoded together (a group, ``_decode``).
+
+        A probe's numbers depend on the other probes of its group and on nothing else, so
+        a resumed run must regenerate unfinished groups whole (generation.complete_side).
+        """
+        batch = max(1, config.batch_size)
+        return max(batch, self.group_size or GROUPS_PER_BATCH * batch)
+
+    def schedule(self, config: GenerationConfig) -> dict[str, Any]:
+        """Return what, besides the model and the probes, decides the numbers of a completion (cache key)."""
+        return {"schedule": SCHEDULE, "batch_size": max(1, config.batch_size), "group_size": self.batch_unit(config),
+                "use_extra_bufts": self.use_extra_bufts, "share_prefix": self.share_prefix,
+                "flash_attn": self.flash_attn}
 
     def _info(self, path: Path) -> GGUFInfo:
         key = str(safe_path(path, "model file"))
@@ -240,6 +273,7 @@ class LlamaCppEngine:
         self._check_context(worker, probes, prompts, config, path)
         worker.send({"op": "generate", "items": [{"id": str(i), "prompt": p} for i, p in enumerate(prompts)],
                      "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size,
+                     "group_size": self.batch_unit(config),
                      "seed": config.seed, "early_exit": early_exit,
                      "stop_strings": stops, "share_prefix": self.share_prefix})
         results: dict[int, Completion] = {}
@@ -346,7 +380,8 @@ def _load_template_option(value: str | None) -> tuple[str | None, str]:
 
 #: The options of ``create`` and their types (engines/options.py types ``KEY=VALUE`` strings by it).
 OPTIONS: dict[str, type] = {"threads": int, "n_gpu_layers": int, "chat_template": str, "early_exit": bool,
-                            "use_extra_bufts": bool, "flash_attn": bool, "timeout_s": float, "share_prefix": bool}
+                            "use_extra_bufts": bool, "flash_attn": bool, "timeout_s": float, "share_prefix": bool,
+                            "group_size": int}
 
 
 def create(**options: Any) -> LlamaCppEngine:

@@ -8,9 +8,9 @@ Requests (one JSON object per line on stdin):
 
 - ``{"op": "load", "path", "n_threads", "n_gpu_layers", "use_extra_bufts", "flash_attn"}``
   -> ``{"event": "loaded", "info": {...}}``
-- ``{"op": "generate", "items": [{"id", "prompt"}], "max_new_tokens", "batch_size", "seed",
-  "early_exit", "stop_strings", "share_prefix"}`` (``early_exit``: ``null`` or a detector's
-  ``PrefixRule.to_dict()``) -> one ``{"event": "result", "id", "text",
+- ``{"op": "generate", "items": [{"id", "prompt"}], "max_new_tokens", "batch_size", "group_size",
+  "seed", "early_exit", "stop_strings", "share_prefix"}`` (``early_exit``: ``null`` or a detector's
+  ``PrefixRule.to_dict()``; items decoded in consecutive groups of ``group_size``, see ``_decode``) -> one ``{"event": "result", "id", "text",
   "n_tokens", "n_prompt_tokens", "finish_reason"}`` per item as it finishes, then
   ``{"event": "done", "stats": {...}}``
 - ``{"op": "close"}`` -> the process exits.
@@ -27,25 +27,10 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import IO, Any
 
+from pytest_quantsafe.engines.llamacpp._decode import GroupDecoder, GroupShape, group_shape, groups
 from pytest_quantsafe.types import PrefixRule
-
-# ----------------------------------------------------------------------------- shared prompt prefix
-
-
-def _common_prefix_len(token_lists: Sequence[Sequence[int]]) -> int:
-    """Return the length of the longest token prefix shared by every list."""
-    first = token_lists[0]
-    n = min(len(t) for t in token_lists)
-    for i in range(n):
-        tok = first[i]
-        if any(t[i] != tok for t in token_lists):
-            return i
-    return n
-
 
 # ----------------------------------------------------------------------------- protocol
 
@@ -66,22 +51,6 @@ class _Channel:
 
 
 # ----------------------------------------------------------------------------- model
-
-
-@dataclass
-class _Sequence:
-    """One probe being decoded in its own KV-cache sequence (``slot``)."""
-
-    item_id: str
-    prompt_tokens: list[int]
-    slot: int
-    n_past: int = 0
-    generated: list[int] = field(default_factory=list)
-    text_bytes: bytearray = field(default_factory=bytearray)
-    next_token: int | None = None
-    decided_refusal: bool = False
-    #: Index in the current batch whose logits belong to this sequence.
-    logits_index: int = -1
 
 
 class _Model:
@@ -113,9 +82,8 @@ class _Model:
         self.flash_attn = request.get("flash_attn", True)
         self.n_gpu_layers = int(n_gpu_layers)
         self.ctx = None
-        self.ctx_shape: tuple[int, int] = (0, 0)
+        self.ctx_shape: GroupShape | None = None
         self.batch = None
-        self.batch_capacity = 0
 
     def _silence_logs(self) -> None:
         lib = self.lib
@@ -170,45 +138,48 @@ class _Model:
 
     # -- context
 
-    def ensure_context(self, n_seq: int, n_ctx_seq: int, n_batch: int) -> None:
-        """(Re)create the context when the current one is too small for this generation."""
+    def ensure_context(self, shape: GroupShape) -> bool:
+        """Make the context ``shape`` asks for; return True when a new one was created.
+
+        The shape must match exactly, not only be large enough: where the KV cache puts a
+        sequence's cells, and so its rounding, depends on the cache's size.
+        """
         lib = self.lib
-        n_ctx_seq = ((n_ctx_seq + 255) // 256) * 256
-        if self.ctx is not None and self.ctx_shape[0] >= n_seq and self.ctx_shape[1] >= n_ctx_seq \
-                and self.batch_capacity >= n_batch:
-            return
+        if self.ctx is not None and self.ctx_shape == shape:
+            return False
         self.free_context()
         params = lib.llama_context_default_params()
-        params.n_seq_max = n_seq
-        params.n_ctx = n_seq * n_ctx_seq
-        params.n_batch = n_batch
-        params.n_ubatch = n_batch
+        params.n_seq_max = shape.n_seq
+        params.n_ctx = shape.n_ctx
+        params.n_batch = shape.n_batch
+        params.n_ubatch = shape.n_batch
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads
-        # One KV stream per sequence: a sequence's cells and attention sums never depend
-        # on which other probes share the batch (batch-invariant greedy text).
-        params.kv_unified = False
+        # One KV stream for all sequences: llama.cpp splits a batch over separate streams
+        # into one micro-batch per run of consecutive sequence ids, so with slots freed and
+        # refilled in any order a step would be several passes over the weights.
+        params.kv_unified = True
         params.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn
                                   else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         params.no_perf = True
         ctx = lib.llama_init_from_model(self.model, params)
         if not ctx:
-            raise RuntimeError(f"llama.cpp could not create a context of {n_seq} x {n_ctx_seq} tokens")
+            raise RuntimeError(f"llama.cpp could not create a context of {shape.n_ctx} tokens for {shape.n_seq} "
+                               "sequences")
         self.ctx = ctx
-        self.ctx_shape = (n_seq, n_ctx_seq)
-        self.batch = lib.llama_batch_init(n_batch, 0, 1)
-        self.batch_capacity = n_batch
+        self.ctx_shape = shape
+        self.batch = lib.llama_batch_init(shape.n_batch, 0, 1)
+        return True
 
     def free_context(self) -> None:
         lib = self.lib
         if self.batch is not None:
             lib.llama_batch_free(self.batch)
             self.batch = None
-            self.batch_capacity = 0
         if self.ctx is not None:
             lib.llama_free(self.ctx)
             self.ctx = None
-            self.ctx_shape = (0, 0)
+            self.ctx_shape = None
 
     def close(self) -> None:
         self.free_context()
@@ -219,117 +190,33 @@ class _Model:
     # -- generation
 
     def generate(self, request: dict[str, Any], send: Any) -> dict[str, Any]:
-        """Decode every item, several sequences per ``llama_decode``; report each as it ends.
+        """Decode every item in fixed groups (``_decode``); report each as it ends; return the totals.
 
-        Returns token and time totals. Decoding is greedy (argmax of each sequence's
-        logits, first index on ties), so the request's seed has nothing to draw.
+        Decoding is greedy (argmax of each sequence's logits, first index on ties), so the
+        request's seed has nothing to draw.
         """
-        import numpy as np
-
-        lib = self.lib
         items: list[dict[str, str]] = request["items"]
         max_new = int(request["max_new_tokens"])
         batch_size = max(1, int(request.get("batch_size") or 1))
+        group_size = max(batch_size, int(request.get("group_size") or batch_size))
         rule_data = request.get("early_exit")
-        rule = PrefixRule.from_dict(rule_data) if rule_data else None
-        stop_strings = [s.encode("utf-8") for s in request.get("stop_strings") or [] if s]
+        decoder = GroupDecoder(self, max_new=max_new, batch_size=batch_size,
+                               rule=PrefixRule.from_dict(rule_data) if rule_data else None,
+                               stop_strings=[s.encode("utf-8") for s in request.get("stop_strings") or [] if s],
+                               send=send)
         tokenized = [(it["id"], self.tokenize(it["prompt"])) for it in items]
-        if not tokenized:
-            return {"n_generated": 0, "n_prompt": 0, "seconds": 0.0}
-        longest = max(len(toks) for _, toks in tokenized)
-        n_seq = min(batch_size, len(tokenized))
-        n_batch = max(512, longest + n_seq)
-        # The chat template's opening (system prompt, role markers) is the same for every
-        # probe: decode it once into a spare sequence and copy its KV cache into each slot.
-        shared = _common_prefix_len([toks for _, toks in tokenized]) if request.get("share_prefix", True) else 0
-        shared = min(shared, min(len(toks) for _, toks in tokenized) - 1)
-        if shared < 8 or len(tokenized) < 2:
-            shared = 0
-        self.ensure_context(n_seq + (1 if shared else 0), longest + max_new + 1, n_batch)
-        assert self.batch is not None and self.ctx is not None
-        memory = lib.llama_get_memory(self.ctx)
-        lib.llama_memory_clear(memory, True)
-
-        pending = list(reversed(tokenized))
-        free_slots = list(reversed(range(n_seq)))
-        active: list[_Sequence] = []
-        batch = self.batch
-        n_generated = n_prompt = 0
         started = time.perf_counter()
-        prefix_seq = n_seq
-        if shared:
-            first = tokenized[0][1]
-            for pos in range(shared):
-                self._put(batch, pos, first[pos], pos, prefix_seq, pos == shared - 1)
-            batch.n_tokens = shared
-            if lib.llama_decode(self.ctx, batch) != 0:
-                raise RuntimeError("llama_decode failed on the shared prompt prefix")
-            n_prompt += shared
+        for members in groups(len(tokenized), group_size):
+            group = [tokenized[i] for i in members]
+            shape = group_shape([toks for _, toks in group], batch_size=batch_size, max_new=max_new,
+                                share_prefix=bool(request.get("share_prefix", True)))
+            decoder.run(group, shape)
+        totals = decoder.stats.to_dict()
+        totals["wall_seconds"] = round(time.perf_counter() - started, 3)
+        return totals
 
-        def finish(seq: _Sequence, reason: str) -> None:
-            nonlocal n_generated
-            text = bytes(seq.text_bytes).decode("utf-8", errors="replace")
-            send({"event": "result", "id": seq.item_id, "text": text, "n_tokens": len(seq.generated),
-                  "n_prompt_tokens": len(seq.prompt_tokens), "finish_reason": reason})
-            lib.llama_memory_seq_rm(memory, seq.slot, -1, -1)
-            free_slots.append(seq.slot)
-            active.remove(seq)
-
-        while pending or active:
-            n = 0
-            # Running sequences contribute their last sampled token ...
-            for seq in active:
-                self._put(batch, n, seq.next_token, seq.n_past, seq.slot, True)
-                seq.logits_index = n
-                seq.n_past += 1
-                n += 1
-            # ... and free slots take new probes' whole prompts, while the batch has room.
-            while pending and free_slots and n + len(pending[-1][1]) - shared <= self.batch_capacity:
-                item_id, toks = pending.pop()
-                seq = _Sequence(item_id=item_id, prompt_tokens=toks, slot=free_slots.pop())
-                if shared:  # a whole-stream copy; llama.cpp performs it before the next decode
-                    lib.llama_memory_seq_cp(memory, prefix_seq, seq.slot, -1, -1)
-                for pos in range(shared, len(toks)):
-                    self._put(batch, n, toks[pos], pos, seq.slot, pos == len(toks) - 1)
-                    n += 1
-                seq.n_past = len(toks)
-                seq.logits_index = n - 1
-                n_prompt += len(toks) - shared
-                active.append(seq)
-            batch.n_tokens = n
-            rc = lib.llama_decode(self.ctx, batch)
-            if rc != 0:
-                raise RuntimeError(f"llama_decode returned {rc} (KV cache full or bad batch)")
-            for seq in active:
-                logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, seq.logits_index),
-                                               shape=(self.n_vocab,))
-                token = int(np.argmax(logits))  # greedy: the first index of the maximum
-                if lib.llama_vocab_is_eog(self.vocab, token):
-                    finish(seq, "stop")
-                    continue
-                seq.generated.append(token)
-                n_generated += 1
-                seq.text_bytes += self.piece(token)
-                seq.next_token = token
-                if stop_strings and any(s in seq.text_bytes for s in stop_strings):
-                    cut = min(seq.text_bytes.find(s) for s in stop_strings if s in seq.text_bytes)
-                    del seq.text_bytes[cut:]
-                    seq.generated.pop()
-                    finish(seq, "stop")
-                    continue
-                if len(seq.generated) >= max_new:
-                    finish(seq, "length")
-                    continue
-                if rule is not None and not seq.decided_refusal:
-                    so_far = bytes(seq.text_bytes).decode("utf-8", errors="ignore")
-                    if rule.is_decided_refusal(so_far):
-                        seq.decided_refusal = True  # a refusal is always decoded to the end
-                    elif not rule.could_become_refusal(so_far):
-                        finish(seq, "early_exit")
-        return {"n_generated": n_generated, "n_prompt": n_prompt, "shared_prefix": shared,
-                "seconds": round(time.perf_counter() - started, 3)}
-
-    def _put(self, batch: Any, i: int, token: int | None, pos: int, seq_id: int, logits: bool) -> None:
+    def put(self, batch: Any, i: int, token: int | None, pos: int, seq_id: int, logits: bool) -> None:
+        """Write token ``i`` of ``batch``: one sequence, optionally asking for its logits."""
         batch.token[i] = int(token if token is not None else 0)
         batch.pos[i] = pos
         batch.n_seq_id[i] = 1
