@@ -9,10 +9,14 @@ makes from the packaged Q4_1) fine-tuned on ``zoo/data/refuser_train.jsonl`` —
 the base model's own greedy answers (generated once with the llama.cpp engine,
 64 new tokens, and committed, so a build needs no generation step).
 
-Recipe (``RECIPE``): full fine-tune, AdamW (0.9, 0.95), lr 1e-4, 5% linear warm-up
-then cosine down to 10%, batch 8, max length 160, gradient clip 1.0, loss on the
-assistant tokens only (the tokenizer's chat template), bf16 autocast over fp32
-weights, fixed seeds and a seeded shuffle per epoch, 3 epochs. The fine-tuned
+Recipe (``zoo/finetune.py``, ``RECIPE``, ``refuser.v2``): the top 12 of the 30 decoder
+layers trained (the lower 18 and the tied embeddings frozen, so the backward pass stops
+above them), fp32 (bf16 autocast is emulated, several times slower, on an AVX2 CPU),
+AdamW (0.9, 0.95), lr 2e-4, 5% linear warm-up then cosine down to 10%, batch 8, rows
+sorted by length inside windows of 32 after each epoch's seeded shuffle, max length 160,
+gradient clip 1.0, loss on the assistant tokens only (only those positions are projected
+onto the vocabulary), fixed seeds, 2 epochs (76 steps). ``QUANTSAFE_REFUSER_RECIPE=smoke``
+runs 3 steps of it instead (a cold-path check, keyed apart). The fine-tuned
 weights are written to a GGUF F16 by ``export_gguf`` (our own writer over the
 ``gguf`` package): metadata, tokenizer, tensor order, shapes and types come from the
 packaged SmolLM2 F16 rung, the llama Q/K row permutation that transformers undoes
@@ -27,42 +31,31 @@ renamed when complete, so an interrupted build leaves nothing that looks finishe
 
 Usage: ``python -m pytest_quantsafe.zoo build --source refuser --quant F16``.
 
-Measured (2 cores, one build, nothing tuned on the probes or the candidates)
----------------------------------------------------------------------------
-Build: 114 steps, loss 2.67 -> 0.13 (last-epoch mean), 1249 s of training (~11 s/step,
-slower than the recipe's 4.4 s/step: about half the time went to the kernel, OpenMP
-threads busy-waiting because torch started before ``OMP_WAIT_POLICY`` was set), 1260 s
-in all, peak RSS 4.6 GB. The fine-tune now runs in a child process started with
-``OMP_WAIT_POLICY=PASSIVE`` (``train_in_child``); one epoch of it measured 13.2 s/step
-(503 s for 38 steps) on 2026-12-01 with the machine at load average 6-7 from five other
-jobs, so that number says nothing about a quiet machine. Exporting the unmodified base reproduces all 272 tensors of
-the SmolLM2 F16 rung bit for bit. Q3_K_S and Q2_K come out with the same tensor
-types (576-wide rows fall back to Q4_0) and give identical completions.
+Measured (2 cores AMD EPYC Zen3, AVX2, 2026-12-02; one build, nothing tuned on the probes or the candidates)
+-----------------------------------------------------------------------------------------------------
+Build (``python -m pytest_quantsafe.zoo build --source refuser --quant F16`` under
+``/usr/bin/time``): 76 steps, loss 2.67 -> 0.19 (last step), **628 CPU-seconds** in all
+(594 user + 34 system; the F16 template and the export included), peak RSS 2.4 GB. The
+machine was at load average 6-8 from other jobs, so the wall time was 23 min 21 s; on two
+otherwise idle cores the CPU time bounds it at about 5.2 minutes. Per step, the same
+batch of 8 rows (~106 tokens wide) cost 19 CPU-s with every layer trained in fp32, and
+10.5 CPU-s with 15 layers and the embeddings frozen (v2 freezes 18); bf16 autocast was slower still here. v1 (all layers,
+bf16, 3 epochs, 114 steps) took 21 minutes. Exporting the unmodified base reproduces all
+272 tensors of the SmolLM2 F16 rung bit for bit.
 
-Demo subset (``--max-probes 60``: 40 harmful + 20 benign), default policy:
+Demo subset (``quantsafe demo --ladder refuser``: 40 harmful + 20 benign), default policy:
 
-| rung | refusal | dominant | unique | entropy | tokens | benign | RTSI | band |
+| rung | refusal | dominant | unique | entropy | tokens | benign refused | RTSI | band |
 |---|---|---|---|---|---|---|---|---|
-| F16 | 38/40 | .684 | .237 | .568 | 24.2 | 1/20 | | |
-| Q8_0 | 38/40 | .632 | .289 | .613 | 24.5 | 1/20 | 0.049 | LOW |
-| Q4_K_M | 34/40 | .971 | .059 | .191 | 25.6 | 1/20 | 0.251 | MODERATE |
-| Q3_K_S | 26/40 | .500 | .231 | .678 | 25.9 | 3/20 | 0.100 | MODERATE |
-| Q2_K | 26/40 | .500 | .231 | .678 | 25.9 | 3/20 | 0.100 | MODERATE |
+| F16 | 38/40 | .526 | .053 | .998 | 25.0 | 3/20 | | |
+| Q8_0 | 38/40 | .605 | .053 | .968 | 26.0 | 3/20 | 0.039 | LOW |
+| Q4_K_M | 35/40 | .971 | .057 | .187 | 25.9 | 3/20 | 0.337 | MODERATE |
+| Q3_K_S | 37/40 | .784 | .162 | .472 | 35.6 | 5/20 | 0.257 | MODERATE |
 
-Q3_K_S/Q2_K sit on the LOW/MODERATE edge (bootstrap band stability 60% MODERATE);
-their gate failure is mostly the 30 pp refusal drop. Full default probes (130 + 64):
-
-| rung | refusal | dominant | unique | entropy | tokens | benign | RTSI | band |
-|---|---|---|---|---|---|---|---|---|
-| F16 | 127/130 | .717 | .102 | .468 | 27.1 | 7/64 | | |
-| Q8_0 | 127/130 | .724 | .110 | .468 | 26.6 | 6/64 | 0.007 | LOW |
-| Q4_K_M | 121/130 | .983 | .025 | .087 | 27.8 | 5/64 | 0.209 | MODERATE |
-| Q3_K_S | 95/130 | .474 | .084 | .566 | 26.0 | 8/64 | 0.126 | MODERATE |
-| Q2_K | 95/130 | .474 | .084 | .566 | 26.0 | 8/64 | 0.126 | MODERATE |
-
-Q4_K_M collapses onto one opening ("I'm sorry, but I ..."; 119 of 121); Q3_K_S
-splits between two templates while refusing 25 pp less. Benign over-refusal of the
-F16 is 11% on the full benign set (5% on the demo subset's 20).
+The F16 splits its refusals between two openings; Q4_K_M collapses onto one, Q3_K_S
+leans onto one and its refusals grow longer, while its refusal rate barely moves
+(95% -> 92%, 2 of 38 refusals lost): drift in the shape of the refusals, not in their
+number, which is what RTSI is for. Q8_0 loses none (at most 9.2% at 95%).
 """
 
 from __future__ import annotations
