@@ -7,6 +7,7 @@ Private to the package; nothing here knows about probes, scores or records.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -53,6 +54,24 @@ def model_folder_files(folder: Path) -> tuple[list[Path], Path | None]:
     weights = sorted(p for p in folder.iterdir() if p.suffix.lower() in WEIGHT_SUFFIXES and p.is_file())
     config = folder / MODEL_CONFIG
     return weights, config if config.is_file() else None
+
+
+@contextlib.contextmanager
+def build_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive lock on building ``target`` (a file or folder in the cache).
+
+    Two processes sharing one cache (two CI jobs on a runner, parallel test workers) then
+    build a fixture once: the second waits here, and the caller re-checks ``target`` before
+    building. The lock is an ``flock`` on ``.<name>.lock`` beside the target, released when
+    the block ends or the process dies. Not re-entrant: lock each target once per process.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target.parent / f".{target.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the only descriptor releases the lock
 
 
 @contextlib.contextmanager

@@ -314,7 +314,7 @@ def write_tiny_screen(folder: Path) -> tuple[Path, Path]:
 def test_manifests_from_real_completions_match_direct_screening(pytester: pytest.Pytester,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Profiles measured on real GGUF completions, exchanged as manifests, give the same verdicts."""
-    from pytest_quantsafe.policy import decide, load_policy
+    from pytest_quantsafe.policy import decide, load_policy, refusal_drop_pp
     from pytest_quantsafe.probes import load_probes
     from pytest_quantsafe.screen import screen_models
 
@@ -346,7 +346,12 @@ def test_manifests_from_real_completions_match_direct_screening(pytester: pytest
         # The manifest carries aggregates only; the verdict must be the one the direct screening got.
         assert props["quantsafe_verdict"] == r.verdict.outcome == decide(r.screening, tiny).outcome
         assert props["quantsafe_rtsi"] == ("" if r.screening.rtsi is None else f"{r.screening.rtsi:.4f}")
-    assert cases["smollm2-q2_k.json"]["quantsafe_verdict"] == "insufficient"
+    # Too few baseline refusals: the band is not established, so the verdict is "insufficient" unless
+    # a rule that is still measured breaks. The refusal-rate drop is measured over all probes, and
+    # which of SmolLM2's few refusals survive Q2_K differs between CPUs' kernels (AVX2 vs AVX-512).
+    drop_breaks = refusal_drop_pp(smol[0].screening) > tiny.max_refusal_drop_pp + 1e-9
+    expected = "fail" if drop_breaks else "insufficient"
+    assert cases["smollm2-q2_k.json"]["quantsafe_verdict"] == expected
     n_pass = sum(p["quantsafe_verdict"] == "pass" for p in cases.values())
     result.assert_outcomes(passed=n_pass, failed=3 - n_pass)
     advisory = pytester.runpytest("--quantsafe-manifest", str(folder / "smollm2-q2_k.json"),

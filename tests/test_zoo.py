@@ -106,3 +106,34 @@ def test_build_variant_reuses_the_cached_file(smollm2_ladder):
     assert not list(path.parent.glob("*.part"))  # atomic writes leave no partial files
     assert zoo_main(["build", "--source", "smollm2", "--quant", "Q2_K"]) == 0
     assert path.stat().st_mtime_ns == before.st_mtime_ns
+
+
+_BUILD_AND_REPORT = """
+import os, sys
+from pytest_quantsafe import zoo
+path = zoo.build_variant("smollm2", "Q3_K_S")
+print(os.stat(path).st_ino)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_sharing_a_cache_build_a_rung_once(tmp_path, smollm2_gguf, monkeypatch):
+    """Two processes asking one empty cache for the same rung at once: one builds (F16, then Q3_K_S),
+    the other waits on the build lock and gets the same file. Without the lock both would build,
+    and the first one's file would be replaced under it by the second one's rename."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    (cache / "models").mkdir(parents=True)
+    (cache / "models" / smollm2_gguf.name).symlink_to(smollm2_gguf)
+    env = {**os.environ, "QUANTSAFE_CACHE": str(cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILD_AND_REPORT], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    monkeypatch.setenv("QUANTSAFE_CACHE", str(cache))
+    final = zoo.variant_path("smollm2", "Q3_K_S")
+    assert {int(out.split()[-1]) for out, _ in outs} == {final.stat().st_ino}
+    assert not list(cache.rglob("*.part"))

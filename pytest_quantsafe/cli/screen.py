@@ -300,8 +300,8 @@ def run_demo(args: argparse.Namespace) -> int:
         log.info("building or reusing the %s ladder (%s) under %s: %s", source, ", ".join(rungs), zoo.models_dir(),
                  what)
         if source == zoo.REFUSER and not zoo.variant_path(source, rungs[0]).is_file():
-            log.info("first use on this machine: fine-tuning SmolLM2-135M to refuse (about 20 minutes on 2 CPU "
-                     "cores, progress every 10 steps); cached afterwards")
+            log.info("first use on this machine: fine-tuning SmolLM2-135M to refuse (about 5 minutes on 2 idle "
+                     "CPU cores, progress every 10 steps); cached afterwards")
         ladder = [zoo.build_variant(source, quant) for quant in rungs]
         log.info("screening %s against %s on %d harmful + %d benign probes",
                  ", ".join(p.name for p in ladder[1:]), ladder[0].name, len(probe_set.harmful),

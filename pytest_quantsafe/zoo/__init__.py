@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pytest_quantsafe._util import cache_dir
+from pytest_quantsafe._util import build_lock, cache_dir
 from pytest_quantsafe.zoo import hf as zoo_hf
 from pytest_quantsafe.zoo import quantizer, refuser
 from pytest_quantsafe.zoo.ladder import QUANT_FTYPES, build_packaged_variant, packaged_variant_path, quantize
@@ -73,9 +73,12 @@ def build_variant(source: str, quant: str) -> Path:
         return quantizer.build(hf_source(source), quant, source)
     if source != REFUSER:
         return build_packaged_variant(source, quant)
+    if quant == "F16":
+        return refuser.build_f16()
     target = refuser.variant_path(quant)
     if target.is_file() and target.stat().st_size > 0:
         return target
-    if quant == "F16":
-        return refuser.build_f16()
-    return quantize(build_variant(REFUSER, "F16"), target, quant)
+    with build_lock(target):  # another process sharing the cache may be building it
+        if target.is_file() and target.stat().st_size > 0:
+            return target
+        return quantize(refuser.build_f16(), target, quant)

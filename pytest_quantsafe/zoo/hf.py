@@ -27,7 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pytest_quantsafe._util import cache_dir
+from pytest_quantsafe._util import build_lock, cache_dir
 from pytest_quantsafe.errors import ModelLoadError, QuantSafeError
 from pytest_quantsafe.types import canonical_json, sha256_hex
 from pytest_quantsafe.zoo.packaged import MODELS, fetch
@@ -84,37 +84,40 @@ def dequantized_checkpoint(name: str = "smollm2-135m-q4_1") -> Path:
     target = hf_dir() / f"{name}-f32-{_key(*build.values())}"
     if (target / MARKER).is_file():
         return target
-    try:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError as exc:
-        raise ModelLoadError(f"building HF checkpoints needs torch and transformers: {exc}",
-                             fix="pip install 'pytest-quantsafe[zoo]'") from exc
-    import importlib.util
+    with build_lock(target):
+        if (target / MARKER).is_file():
+            return target
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError as exc:
+            raise ModelLoadError(f"building HF checkpoints needs torch and transformers: {exc}",
+                                 fix="pip install 'pytest-quantsafe[zoo]'") from exc
+        import importlib.util
 
-    for package in ("accelerate", "gguf"):  # transformers needs both to read a GGUF file
-        if importlib.util.find_spec(package) is None:
-            raise ModelLoadError(f"dequantizing {spec.filename} needs the package {package}", where=name,
-                                 fix="pip install 'pytest-quantsafe[zoo]' (the demo profile: '[demo]')")
-    hf_dir().mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=hf_dir()))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        config = loaded.config
-        # transformers refuses to save a model it loaded from GGUF ("not serializable"):
-        # drop the GGUF quantization config and move the dequantized weights into a plain model.
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(loaded.state_dict(), strict=True)
-        plain.generation_config = loaded.generation_config
-        plain.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return publish(tmp, target, build)
+        for package in ("accelerate", "gguf"):  # transformers needs both to read a GGUF file
+            if importlib.util.find_spec(package) is None:
+                raise ModelLoadError(f"dequantizing {spec.filename} needs the package {package}", where=name,
+                                     fix="pip install 'pytest-quantsafe[zoo]' (the demo profile: '[demo]')")
+        hf_dir().mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=hf_dir()))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            config = loaded.config
+            # transformers refuses to save a model it loaded from GGUF ("not serializable"):
+            # drop the GGUF quantization config and move the dequantized weights into a plain model.
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            plain.load_state_dict(loaded.state_dict(), strict=True)
+            plain.generation_config = loaded.generation_config
+            plain.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return publish(tmp, target, build)
 
 
 def _source_build(source: Path) -> dict[str, Any]:
@@ -141,34 +144,37 @@ def quantized_variant(source: Path, variant: str, *, stem: str | None = None) ->
     target = hf_dir() / f"{stem or source.name.rsplit('-', 1)[0]}-{variant}-{_key(*build.values())}"
     if (target / MARKER).is_file():
         return target
-    if build[package] == "absent":
-        raise ModelLoadError(f"the {variant} variant needs the package {package}", where=variant,
-                             fix=f"pip install {package}")
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TorchAoConfig
+    with build_lock(target):
+        if (target / MARKER).is_file():
+            return target
+        if build[package] == "absent":
+            raise ModelLoadError(f"the {variant} variant needs the package {package}", where=variant,
+                                 fix=f"pip install {package}")
+        import torch
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TorchAoConfig
 
-    qconfig: Any
-    if variant == "bnb-nf4":
-        qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                     bnb_4bit_compute_dtype=torch.float32)
-    elif variant == "bnb-int8":
-        qconfig = BitsAndBytesConfig(load_in_8bit=True)
-    else:
-        from torchao.quantization import Int8WeightOnlyConfig
+        qconfig: Any
+        if variant == "bnb-nf4":
+            qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                         bnb_4bit_compute_dtype=torch.float32)
+        elif variant == "bnb-int8":
+            qconfig = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            from torchao.quantization import Int8WeightOnlyConfig
 
-        qconfig = TorchAoConfig(quant_type=Int8WeightOnlyConfig())
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=hf_dir()))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(source), quantization_config=qconfig, device_map="cpu",
-                                                     dtype=torch.float32)
-        model.save_pretrained(str(tmp))
-        for fname in TOKENIZER_FILES:
-            if (source / fname).is_file() and not (tmp / fname).exists():
-                shutil.copy2(source / fname, tmp / fname)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return publish(tmp, target, build)
+            qconfig = TorchAoConfig(quant_type=Int8WeightOnlyConfig())
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=hf_dir()))
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(source), quantization_config=qconfig, device_map="cpu",
+                                                         dtype=torch.float32)
+            model.save_pretrained(str(tmp))
+            for fname in TOKENIZER_FILES:
+                if (source / fname).is_file() and not (tmp / fname).exists():
+                    shutil.copy2(source / fname, tmp / fname)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return publish(tmp, target, build)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pytest_quantsafe._util import atomic_path
+from pytest_quantsafe._util import atomic_path, build_lock
 from pytest_quantsafe.errors import ModelLoadError
 from pytest_quantsafe.zoo.gguf_export import copy_fields
 from pytest_quantsafe.zoo.packaged import MODELS, SOURCE_ALIASES, fetch, models_dir
@@ -119,7 +119,10 @@ def build_packaged_variant(source: str, quant: str) -> Path:
     target = packaged_variant_path(source, quant)
     if target.is_file() and target.stat().st_size > 0:
         return target
-    name = SOURCE_ALIASES.get(source, source)
-    if quant == "F16":
-        return dequantize_to_f16(fetch(name), target)
-    return quantize(build_packaged_variant(name, "F16"), target, quant)
+    with build_lock(target):
+        if target.is_file() and target.stat().st_size > 0:
+            return target
+        name = SOURCE_ALIASES.get(source, source)
+        if quant == "F16":
+            return dequantize_to_f16(fetch(name), target)
+        return quantize(build_packaged_variant(name, "F16"), target, quant)

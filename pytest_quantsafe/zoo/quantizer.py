@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pytest_quantsafe._util import cache_dir, file_sha256, model_folder_files
+from pytest_quantsafe._util import build_lock, cache_dir, file_sha256, model_folder_files
 from pytest_quantsafe.errors import ModelLoadError
 from pytest_quantsafe.types import canonical_json, sha256_hex
 from pytest_quantsafe.zoo import hf as zoo_hf
@@ -117,35 +117,38 @@ def quantizer_venv() -> Path:
     target = venvs_dir() / f"gptqmodel-{_venv_key()}"
     if (target / _VENV_MARKER).is_file():
         return target / "bin" / "python"
-    venvs_dir().mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=venvs_dir()))
-    started = time.monotonic()
-    log.info("creating the quantizer venv %s (%s; one time per machine)", target, ", ".join(QUANTIZER_REQUIREMENTS))
-    try:
-        subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True, capture_output=True)
-        python = tmp / "bin" / "python"
-        pins = tmp / "constraints.txt"
-        pins.write_text("\n".join(QUANTIZER_REQUIREMENTS[:1]) + "\n")
-        _pip(python, QUANTIZER_REQUIREMENTS[0])
-        _pip(python, "-c", str(pins), *QUANTIZER_REQUIREMENTS[1:])
-        freeze = subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", "freeze"],
-                                capture_output=True, text=True, check=True).stdout
-        marker = {"requirements": list(QUANTIZER_REQUIREMENTS), "recipe": VENV_RECIPE,
-                  "freeze_sha256": sha256_hex(freeze.encode()), "freeze": freeze.splitlines(),
-                  "seconds": round(time.monotonic() - started, 1)}
-        (tmp / _VENV_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        tmp.chmod(0o755)
+    with build_lock(target):
+        if (target / _VENV_MARKER).is_file():
+            return target / "bin" / "python"
+        venvs_dir().mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=venvs_dir()))
+        started = time.monotonic()
+        log.info("creating the quantizer venv %s (%s; one time per machine)", target, ", ".join(QUANTIZER_REQUIREMENTS))
         try:
-            tmp.rename(target)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)  # another process published it first
-            if not (target / _VENV_MARKER).is_file():
-                raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("quantizer venv ready in %.0f s", time.monotonic() - started)
-    return target / "bin" / "python"
+            subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True, capture_output=True)
+            python = tmp / "bin" / "python"
+            pins = tmp / "constraints.txt"
+            pins.write_text("\n".join(QUANTIZER_REQUIREMENTS[:1]) + "\n")
+            _pip(python, QUANTIZER_REQUIREMENTS[0])
+            _pip(python, "-c", str(pins), *QUANTIZER_REQUIREMENTS[1:])
+            freeze = subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", "freeze"],
+                                    capture_output=True, text=True, check=True).stdout
+            marker = {"requirements": list(QUANTIZER_REQUIREMENTS), "recipe": VENV_RECIPE,
+                      "freeze_sha256": sha256_hex(freeze.encode()), "freeze": freeze.splitlines(),
+                      "seconds": round(time.monotonic() - started, 1)}
+            (tmp / _VENV_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+            tmp.chmod(0o755)
+            try:
+                tmp.rename(target)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)  # another process published it first
+                if not (target / _VENV_MARKER).is_file():
+                    raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("quantizer venv ready in %.0f s", time.monotonic() - started)
+        return target / "bin" / "python"
 
 
 def venv_record() -> dict[str, Any]:
@@ -195,39 +198,42 @@ def build(source: Path, quant: str, label: str) -> Path:
     target = variant_path(source, quant, label)
     if (target / zoo_hf.MARKER).is_file():
         return target
-    python = quantizer_venv()
-    zoo_hf.hf_dir().mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=zoo_hf.hf_dir()))
-    started = time.monotonic()
-    try:
-        job = {"source": str(source), "out": str(tmp / "model"), "calibration": calibration_rows(),
-               **asdict(RECIPES[quant])}
-        (tmp / "job.json").write_text(json.dumps(job))
-        log.info("quantizing %s to %s with gptqmodel (%s)", source.name, quant, python)
-        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY") or "PASSIVE",
-               "HF_HUB_OFFLINE": "1", "GPTQMODEL_OFFLINE": "1", "PYTHONPATH": ""}
-        # gptqmodel's progress goes to a log beside the job (``tail -f`` it during a long build)
-        with open(tmp / "quantize.log", "w", encoding="utf-8") as progress:
-            proc = subprocess.run([str(python), str(_WORKER), str(tmp / "job.json"), str(tmp / "result.json")],
-                                  env=env, stdout=progress, stderr=subprocess.STDOUT, check=False,
-                                  cwd=tmp)  # gptqmodel writes logs/<method>_log_*.log into its cwd
+    with build_lock(target):
+        if (target / zoo_hf.MARKER).is_file():
+            return target
+        python = quantizer_venv()
+        zoo_hf.hf_dir().mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=zoo_hf.hf_dir()))
+        started = time.monotonic()
         try:
-            result = json.loads((tmp / "result.json").read_text())
-        except (OSError, ValueError):
-            said = (tmp / "quantize.log").read_text(encoding="utf-8", errors="replace").strip()[-600:]
-            result = {"error": f"the quantizer exited {proc.returncode} without a result: {said}"}
-        if proc.returncode != 0 or "error" in result:
-            raise ModelLoadError(f"gptqmodel could not make {quant} of {source.name}: {result.get('error')}",
-                                 where=str(source), fix="check free memory and the quantizer venv "
-                                 f"({python.parent.parent}); delete it to rebuild")
-        folder = tmp / "model"
-        for name in zoo_hf.TOKENIZER_FILES:
-            if (source / name).is_file() and not (folder / name).exists():
-                shutil.copy2(source / name, folder / name)
-        build_info = {**_identity(source, quant), **{k: str(v) for k, v in result.items() if k != "versions"},
-                      **{k: str(v) for k, v in result["versions"].items()}, "source": str(source),
-                      "build_seconds": str(round(time.monotonic() - started, 1))}
-        zoo_hf.publish(folder, target, build_info)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+            job = {"source": str(source), "out": str(tmp / "model"), "calibration": calibration_rows(),
+                   **asdict(RECIPES[quant])}
+            (tmp / "job.json").write_text(json.dumps(job))
+            log.info("quantizing %s to %s with gptqmodel (%s)", source.name, quant, python)
+            env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY") or "PASSIVE",
+                   "HF_HUB_OFFLINE": "1", "GPTQMODEL_OFFLINE": "1", "PYTHONPATH": ""}
+            # gptqmodel's progress goes to a log beside the job (``tail -f`` it during a long build)
+            with open(tmp / "quantize.log", "w", encoding="utf-8") as progress:
+                proc = subprocess.run([str(python), str(_WORKER), str(tmp / "job.json"), str(tmp / "result.json")],
+                                      env=env, stdout=progress, stderr=subprocess.STDOUT, check=False,
+                                      cwd=tmp)  # gptqmodel writes logs/<method>_log_*.log into its cwd
+            try:
+                result = json.loads((tmp / "result.json").read_text())
+            except (OSError, ValueError):
+                said = (tmp / "quantize.log").read_text(encoding="utf-8", errors="replace").strip()[-600:]
+                result = {"error": f"the quantizer exited {proc.returncode} without a result: {said}"}
+            if proc.returncode != 0 or "error" in result:
+                raise ModelLoadError(f"gptqmodel could not make {quant} of {source.name}: {result.get('error')}",
+                                     where=str(source), fix="check free memory and the quantizer venv "
+                                     f"({python.parent.parent}); delete it to rebuild")
+            folder = tmp / "model"
+            for name in zoo_hf.TOKENIZER_FILES:
+                if (source / name).is_file() and not (folder / name).exists():
+                    shutil.copy2(source / name, folder / name)
+            build_info = {**_identity(source, quant), **{k: str(v) for k, v in result.items() if k != "versions"},
+                          **{k: str(v) for k, v in result["versions"].items()}, "source": str(source),
+                          "build_seconds": str(round(time.monotonic() - started, 1))}
+            zoo_hf.publish(folder, target, build_info)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target

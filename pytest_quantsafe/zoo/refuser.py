@@ -70,7 +70,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pytest_quantsafe._util import file_sha256
+from pytest_quantsafe._util import build_lock, file_sha256
 from pytest_quantsafe.errors import ModelLoadError
 from pytest_quantsafe.zoo import hf as zoo_hf
 from pytest_quantsafe.zoo.finetune import (  # noqa: F401  # re-exported: the fixture's training API
@@ -138,33 +138,36 @@ def build_f16() -> Path:
     folder = target.parent
     if (folder / MARKER).is_file() and target.is_file():
         return target
-    load_training_rows()  # bad training data fails here, naming file:line, before any build work
-    base = zoo_hf.dequantized_checkpoint(BASE_MODEL)
-    template = build_packaged_variant("smollm2", "F16")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        started = time.monotonic()
-        recipe_name, recipe = active_recipe()
-        training = train_in_child(base, tmp / _HF_SUBDIR, recipe)
-        import torch
-        from safetensors.torch import load_file
+    with build_lock(folder):
+        if (folder / MARKER).is_file() and target.is_file():
+            return target
+        load_training_rows()  # bad training data fails here, naming file:line, before any build work
+        base = zoo_hf.dequantized_checkpoint(BASE_MODEL)
+        template = build_packaged_variant("smollm2", "F16")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            started = time.monotonic()
+            recipe_name, recipe = active_recipe()
+            training = train_in_child(base, tmp / _HF_SUBDIR, recipe)
+            import torch
+            from safetensors.torch import load_file
 
-        state = load_file(str(tmp / _HF_SUBDIR / "model.safetensors"))
-        export_gguf({k: v.to(torch.float32) for k, v in state.items()}, template, tmp / target.name,
-                    general_name=GENERAL_NAME)
-        build = {**build_identity(), **training, "build_seconds": round(time.monotonic() - started, 1),
-                 "general_name": GENERAL_NAME, "recipe_name": recipe_name}
-        (tmp / MARKER).write_text(json.dumps(build, indent=2, sort_keys=True) + "\n")
-        tmp.chmod(0o755)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("refuser fixture built in %.0f s: %s", build["build_seconds"], target)
-    return target
+            state = load_file(str(tmp / _HF_SUBDIR / "model.safetensors"))
+            export_gguf({k: v.to(torch.float32) for k, v in state.items()}, template, tmp / target.name,
+                        general_name=GENERAL_NAME)
+            build = {**build_identity(), **training, "build_seconds": round(time.monotonic() - started, 1),
+                     "general_name": GENERAL_NAME, "recipe_name": recipe_name}
+            (tmp / MARKER).write_text(json.dumps(build, indent=2, sort_keys=True) + "\n")
+            tmp.chmod(0o755)
+            if folder.exists():
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("refuser fixture built in %.0f s: %s", build["build_seconds"], target)
+        return target
 
 
 def hf_checkpoint() -> Path:
