@@ -374,7 +374,7 @@ def test_real_screening_signed_keyless_and_verified(qwen_q4_k_m_gguf: Path, qwen
         candidate.write_bytes(qwen_q4_k_m_gguf.read_bytes())
     result = screen_models(str(qwen_ladder["F16"]), [str(candidate)], policy=load_policy("default"),
                            probes=select(load_probes(), 12, 2), out_dir=tmp_path / "out",
-                           engine_options={"threads": 1}, cache_dir=tmp_path / "cache", progress=False)[0]
+                           engine_options={"threads": 1}, progress=False)[0]  # the machine's completion cache
     assert result.screening.baseline.n_refusals >= 5, "Qwen refuses most harmful probes (fixtures README)"
     band, rtsi, outcome = result.screening.band, result.screening.rtsi, result.verdict.outcome
     assert band is not None and rtsi is not None

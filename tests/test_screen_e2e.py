@@ -103,8 +103,9 @@ def test_the_same_pair_screened_twice_gives_one_record(qwen_ladder, qwen_probes,
     assert not (tmp_path / "never").exists() or not any((tmp_path / "never").rglob("completions.jsonl"))
 
 
-def test_generation_is_deterministic(qwen_ladder, default_policy, shared_cache, tmp_path) -> None:
-    """The same screening generated from scratch twice gives a byte-identical record body."""
+def test_generation_is_deterministic(smollm2_ladder, default_policy, tmp_path) -> None:
+    """The same screening generated from scratch twice gives a byte-identical record body (SmolLM2: the
+    engine's determinism does not depend on the model, and the 135M model generates 4x faster than Qwen)."""
     from pytest_quantsafe.probes import load_probes, select
     from pytest_quantsafe.record.build import body_digest
     from pytest_quantsafe.screen import screen_models
@@ -112,7 +113,7 @@ def test_generation_is_deterministic(qwen_ladder, default_policy, shared_cache, 
     probes = select(load_probes(), 8, 2)
     bodies = []
     for cache in (tmp_path / "fresh-cache", tmp_path / "another-fresh-cache"):
-        result = screen_models(str(qwen_ladder["F16"]), [str(qwen_ladder["Q8_0"])], policy=default_policy,
+        result = screen_models(str(smollm2_ladder["F16"]), [str(smollm2_ladder["Q2_K"])], policy=default_policy,
                                probes=probes, engine_options=ENGINE, cache_dir=cache, progress=False)[0]
         bodies.append(body_digest(result.record))
         # Both models' 10 completions were generated into this cache.
